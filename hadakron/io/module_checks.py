@@ -1,0 +1,193 @@
+"""Group a file's tensors into modules and list what is wrong with them (warnings, not errors).
+
+Each check returns human-readable problem strings naming the key, the expected and the found value.
+Shape checks look only at shapes, so they cost nothing even for large files.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+# The file-level parameter names we know, per algorithm (LyCORIS / kohya names, plus PEFT's LoRA names).
+KNOWN_PARAMS: dict[str, frozenset[str]] = {
+    "loha": frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}),
+    "lokr": frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2"}),
+    "lora": frozenset({"lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight"}),
+    # LyCORIS algorithms that are not LoHa/LoKr/LoRA: recognised so they are named, not applied.
+    "full": frozenset({"diff", "diff_b"}),
+    "norm": frozenset({"w_norm", "b_norm"}),
+}
+COMMON_PARAMS = frozenset({"alpha", "dora_scale"})
+_ALL_SUFFIXES = sorted(set().union(*KNOWN_PARAMS.values(), COMMON_PARAMS), key=len, reverse=True)
+
+
+def split_key_by_suffix(key: str) -> tuple[str, str]:
+    """`module_key.param` -> (module_key, param), matching known parameter names first, else the last dot.
+
+    Used until/unless `hadakron.arch.split_key` is importable.
+    """
+    for suffix in _ALL_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    module, dot, param = key.rpartition(".")
+    return (module, param) if dot else (key, "")
+
+
+def _split_key():
+    """The layout-aware key splitter from hadakron.arch when it exists, else ours."""
+    try:
+        from hadakron.arch import split_key  # type: ignore[attr-defined]
+    except ImportError:
+        return split_key_by_suffix
+    return split_key
+
+
+def group_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group tensors by module key: {module_key: {param: tensor}}, in file key order."""
+    split = _split_key()
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        module, param = split(key)
+        modules.setdefault(module, {})[param] = t
+    return modules
+
+
+def algorithm_guess(params: Mapping[str, object]) -> str | None:
+    """The algorithm a module's parameter names belong to, or None when none or several match."""
+    found = {algo for algo, names in KNOWN_PARAMS.items() if names & params.keys()}
+    return found.pop() if len(found) == 1 else None
+
+
+def nonfinite_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """One problem per floating tensor holding NaN or Inf values, with the counts."""
+    problems = []
+    for key, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            t = t.float()
+        finite = torch.isfinite(t)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(t).sum())
+        inf = int(t.numel() - int(finite.sum()) - nan)
+        problems.append(f"{key}: {nan} NaN and {inf} Inf values out of {t.numel()}")
+    return problems
+
+
+def module_problems(module: str, params: Mapping[str, torch.Tensor]) -> list[str]:
+    """Missing, unknown, conflicting or mis-shaped tensors of one module, and a missing alpha."""
+    unknown = sorted(p for p in params if p not in COMMON_PARAMS and algorithm_guess({p: None}) is None)
+    problems = [f"{module}: key has no '.<parameter>' suffix" if not p
+                else f"{module}.{p}: unknown parameter name (not LoHa, LoKr or LoRA)" for p in unknown]
+    known = {p: t for p, t in params.items() if p not in unknown}
+    algos = {a for a, names in KNOWN_PARAMS.items() if names & known.keys()}
+    if len(algos) > 1:
+        problems.append(f"{module}: mixes parameters of {' and '.join(sorted(algos))} "
+                        f"({', '.join(sorted(known))}); expected one algorithm per module")
+        return problems
+    if not algos:
+        if known:
+            problems.append(f"{module}: only {', '.join(sorted(known))}, no weights")
+        return problems
+    algo = algos.pop()
+    shape_check = {"loha": _loha_problems, "lokr": _lokr_problems, "lora": _lora_problems}.get(algo)
+    if shape_check is not None:
+        problems += [f"{module}: {p}" for p in shape_check(known)]
+        if "alpha" not in params:
+            problems.append(f"{module}.alpha: missing (loaders then use scale 1.0)")
+        elif params["alpha"].numel() != 1:
+            problems.append(f"{module}.alpha: expected one value (0-d), found shape {list(params['alpha'].shape)}")
+    else:
+        problems.append(f"{module}: algorithm '{algo}' is not LoHa, LoKr or LoRA; hadakron does not apply it")
+    return problems
+
+
+def _missing(params: Mapping[str, torch.Tensor], names: list[str]) -> list[str]:
+    return [f"missing {n} (present: {', '.join(sorted(params))})" for n in names if n not in params]
+
+
+def _dims(params: Mapping[str, torch.Tensor], name: str, ndim: tuple[int, ...]) -> list[str]:
+    t = params[name]
+    if t.dim() not in ndim:
+        want = " or ".join(f"{d}-D" for d in ndim)
+        return [f"{name} expected {want}, found shape {list(t.shape)}"]
+    return []
+
+
+def _match(a_name: str, a_dim: int, a: torch.Tensor, b_name: str, b_dim: int, b: torch.Tensor) -> list[str]:
+    if a.shape[a_dim] != b.shape[b_dim]:
+        return [f"{a_name} {list(a.shape)} does not multiply with {b_name} {list(b.shape)}: "
+                f"expected {a_name}.shape[{a_dim}] == {b_name}.shape[{b_dim}], found {a.shape[a_dim]} vs {b.shape[b_dim]}"]
+    return []
+
+
+def _product_shape(params: Mapping[str, torch.Tensor], a: str, b: str, t: str | None) -> tuple[list[str], tuple[int, ...]]:
+    """Shape of a low-rank (a@b) or Tucker (t with a, b) factor; problems if they do not multiply out."""
+    wa, wb = params[a], params[b]
+    if t is None:
+        problems = _dims(params, a, (2, 4)) + _dims(params, b, (2, 4))
+        if problems:
+            return problems, ()
+        wa2, wb2 = wa.reshape(wa.shape[0], -1), wb.reshape(wb.shape[0], -1)
+        problems = _match(a, 1, wa2, b, 0, wb2)
+        return problems, (wa2.shape[0], wb2.shape[1])
+    problems = _dims(params, a, (2,)) + _dims(params, b, (2,)) + _dims(params, t, (3, 4, 5))
+    if problems:
+        return problems, ()
+    core = params[t]
+    problems = _match(t, 0, core, a, 0, wa) + _match(t, 1, core, b, 0, wb)
+    return problems, (wa.shape[1], wb.shape[1], *core.shape[2:])
+
+
+def _loha_problems(p: Mapping[str, torch.Tensor]) -> list[str]:
+    problems = _missing(p, ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"])
+    tucker = [n for n in ("hada_t1", "hada_t2") if n in p]
+    if len(tucker) == 1:
+        problems.append(f"has {tucker[0]} without {'hada_t2' if tucker[0] == 'hada_t1' else 'hada_t1'}")
+    if problems:
+        return problems
+    t1, t2 = ("hada_t1", "hada_t2") if tucker else (None, None)
+    p1, s1 = _product_shape(p, "hada_w1_a", "hada_w1_b", t1)
+    p2, s2 = _product_shape(p, "hada_w2_a", "hada_w2_b", t2)
+    problems = p1 + p2
+    if not problems and s1 != s2:
+        problems.append(f"Hadamard factors differ in shape: (w1_a@w1_b) is {list(s1)}, (w2_a@w2_b) is {list(s2)}")
+    return problems
+
+
+def _lokr_factor(p: Mapping[str, torch.Tensor], i: int) -> tuple[list[str], tuple[int, ...] | None]:
+    full, a, b, t = f"lokr_w{i}", f"lokr_w{i}_a", f"lokr_w{i}_b", f"lokr_t{i}"
+    if full in p:
+        extra = [n for n in (a, b, t) if n in p]
+        if extra:
+            return [f"has both {full} and {', '.join(extra)}; expected one form of W{i}"], None
+        return [], tuple(p[full].shape)
+    if a not in p or b not in p:
+        return [f"missing {full} (or {a} and {b}) (present: {', '.join(sorted(p))})"], None
+    problems, shape = _product_shape(p, a, b, t if t in p else None)
+    return problems, shape
+
+
+def _lokr_problems(p: Mapping[str, torch.Tensor]) -> list[str]:
+    p1, s1 = _lokr_factor(p, 1)
+    p2, s2 = _lokr_factor(p, 2)
+    problems = p1 + p2
+    if not problems and s1 is not None and len(s1) != 2:
+        problems.append(f"W1 expected 2-D, found shape {list(s1)}")
+    if not problems and s2 is not None and len(s2) not in (2, 4):
+        problems.append(f"W2 expected 2-D or 4-D, found shape {list(s2)}")
+    return problems
+
+
+def _lora_problems(p: Mapping[str, torch.Tensor]) -> list[str]:
+    up = "lora_up.weight" if "lora_up.weight" in p or "lora_B.weight" not in p else "lora_B.weight"
+    down = "lora_down.weight" if "lora_down.weight" in p or "lora_A.weight" not in p else "lora_A.weight"
+    problems = _missing(p, [up, down])
+    if problems:
+        return problems
+    if "lora_mid.weight" in p:
+        mid = p["lora_mid.weight"]
+        return _match(up, 1, p[up], "lora_mid.weight", 0, mid) + _match("lora_mid.weight", 1, mid, down, 0, p[down])
+    return _match(up, 1, p[up], down, 0, p[down])

@@ -1,0 +1,53 @@
+"""Read an adapter file: validate the container, load the tensors, group them by module, list the problems."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hadakron.io.errors import AdapterFileError
+from hadakron.io.module_checks import group_modules, module_problems, nonfinite_problems
+from hadakron.io.safetensors_format import read_header
+
+
+@dataclass
+class AdapterFile:
+    """An adapter file's contents: tensors by file key, metadata, tensors grouped by module, and warnings."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def size_bytes(self) -> int:
+        """Size of the file on disk when it was read."""
+        return self.path.stat().st_size if self.path.exists() else 0
+
+
+def read_adapter(path: str | Path, *, device: str | torch.device = "cpu") -> AdapterFile:
+    """Read a safetensors adapter file; raise `AdapterFileError` when it is unreadable, collect warnings in `problems`."""
+    path = Path(path)
+    header = read_header(path)
+    tensors = _load_tensors(path, header.entries, device)
+    modules = group_modules(tensors)
+    problems = nonfinite_problems(tensors)
+    for module, params in modules.items():
+        problems += module_problems(module, params)
+    return AdapterFile(path=path, tensors=tensors, metadata=header.metadata, modules=modules, problems=problems)
+
+
+def _load_tensors(path: Path, entries, device) -> dict[str, torch.Tensor]:
+    """Load every tensor named in the (already validated) header, in key order."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in sorted(e.name for e in entries):
+                tensors[name] = f.get_tensor(name)
+    except Exception as exc:  # the header was validated; anything left is I/O or a safetensors limit
+        raise AdapterFileError(path, "could not load tensors", found=f"{type(exc).__name__}: {exc}") from exc
+    return tensors

@@ -1,0 +1,220 @@
+"""`hadakron inspect FILE [--json]`: what an adapter file holds and everything wrong with it.
+
+The JSON form is a stable contract: `file`, `size_bytes`, `family`, `layout`, `modules`, `parts`,
+`algorithms`, `ranks`, `factors`, `tucker`, `dora`, `params`, `dtypes`, `metadata`, `problems`
+(plus `unmatched_modules` and `detection`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from typing import Mapping
+
+import torch
+
+from hadakron.io import AdapterFile, read_adapter
+from hadakron.io.module_checks import algorithm_guess
+
+PARTS = ("unet", "te1", "te2", "te")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `inspect` subcommand."""
+    p = subparsers.add_parser("inspect", help="show what an adapter file holds and what is wrong with it",
+                              description="Show family, layout, algorithms, module counts, ranks, factors, "
+                                          "dtypes, metadata and every problem found in an adapter file.")
+    p.add_argument("file", help="adapter file (.safetensors)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (stable field names)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read the file, print the report; 0 when it could be read (problems are reported, not fatal)."""
+    report = describe(read_adapter(args.file))
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
+    return 0
+
+
+# ------------------------------------------------------------------ family / layout detection
+
+
+def detect_layout(keys: list[str], module_keys: list[str]) -> dict:
+    """{family, layout, parts: {part: count}, unmatched: [module_key], reasons: [str]}.
+
+    Uses `hadakron.arch` (detect_family + parse_module_key) when importable; otherwise a prefix-only
+    guess (`_guess_layout`) so inspect still works without it.
+    """
+    try:
+        from hadakron.arch import detect_family, parse_module_key  # type: ignore[attr-defined]
+    except ImportError:
+        return _guess_layout(module_keys)
+    result = detect_family(keys)
+    family = getattr(result, "family", None)
+    parts: Counter[str] = Counter()
+    unmatched: list[str] = []
+    for mk in module_keys:
+        parsed = parse_module_key(mk, family)
+        if parsed is None:
+            unmatched.append(mk)
+        else:
+            parts[parsed[1]] += 1
+    return {"family": family, "layout": getattr(result, "layout", None), "parts": dict(parts),
+            "unmatched": unmatched, "reasons": [str(r) for r in (getattr(result, "reasons", None) or [])]}
+
+
+_PREFIX_LAYOUTS = (  # (regex on the module key, layout, part)
+    (r"^lora_unet_", "kohya", "unet"), (r"^lora_te1_", "kohya", "te1"), (r"^lora_te2_", "kohya", "te2"),
+    (r"^lora_te_", "kohya", "te"), (r"^lycoris_", "lycoris", "unet"),
+    (r"^diffusion_model\.", "comfyui", "unet"), (r"^text_encoders\.", "comfyui", "te"),
+    (r"^base_model\.model\.", "peft", "unet"), (r"^(unet|transformer)\.", "diffusers", "unet"),
+    (r"^text_encoder\.", "diffusers", "te1"), (r"^text_encoder_2\.", "diffusers", "te2"),
+)
+_SDXL_HINTS = re.compile(r"input_blocks|middle_block|output_blocks|down_blocks|up_blocks|mid_block|^lora_te[12]_")
+_ANIMA_HINTS = re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn|mlp)|llm_adapter|^lora_te_layers_")
+
+
+def _guess_layout(module_keys: list[str]) -> dict:
+    """Prefix-only stand-in for `hadakron.arch.detect_family` (used only when arch is missing)."""
+    layouts: Counter[str] = Counter()
+    parts: Counter[str] = Counter()
+    unmatched = []
+    for mk in module_keys:
+        for pattern, layout, part in _PREFIX_LAYOUTS:
+            if re.search(pattern, mk):
+                layouts[layout] += 1
+                parts[part] += 1
+                break
+        else:
+            unmatched.append(mk)
+    sdxl = sum(bool(_SDXL_HINTS.search(mk)) for mk in module_keys)
+    anima = sum(bool(_ANIMA_HINTS.search(mk)) for mk in module_keys)
+    family = "sdxl" if sdxl > anima else "anima" if anima > sdxl else None
+    return {"family": family, "layout": layouts.most_common(1)[0][0] if layouts else None, "parts": dict(parts),
+            "unmatched": unmatched,
+            "reasons": [f"prefix guess (hadakron.arch not available): {sdxl} SDXL-like, {anima} Anima-like names"]}
+
+
+# ------------------------------------------------------------------ per-module facts
+
+
+def _module_rank(algo: str | None, params: Mapping[str, torch.Tensor]) -> int | None:
+    """The rank the scale divides by (LoHa w1_b rows; LoKr w2 then w1 decomposition; LoRA down rows)."""
+    try:
+        from hadakron.ops import module_rank  # type: ignore[attr-defined]
+    except ImportError:
+        module_rank = None
+    if module_rank is not None and algo in ("loha", "lokr", "lora"):
+        try:
+            return module_rank(dict(params))
+        except (KeyError, ValueError, IndexError, AttributeError):
+            return None  # already reported as a module problem
+    first = {"loha": ("hada_w1_b",), "lokr": ("lokr_w2_b", "lokr_w1_b"), "lora": ("lora_down.weight", "lora_A.weight")}
+    for name in first.get(algo or "", ()):
+        if name in params and params[name].dim() >= 1:
+            return int(params[name].shape[0])
+    return None
+
+
+def _lokr_w1_shape(params: Mapping[str, torch.Tensor]) -> str | None:
+    if "lokr_w1" in params:
+        return "x".join(str(d) for d in params["lokr_w1"].shape)
+    if "lokr_w1_a" in params and "lokr_w1_b" in params:
+        return f"{params['lokr_w1_a'].shape[0]}x{params['lokr_w1_b'].shape[-1]}"
+    return None
+
+
+def _sorted_hist(counter: Counter) -> dict[str, int]:
+    def order(k):
+        return (0, int(k)) if str(k).isdigit() else (1, str(k))
+    return {str(k): counter[k] for k in sorted(counter, key=order)}
+
+
+def describe(adapter: AdapterFile) -> dict:
+    """The inspect report (the JSON contract) for a file that has been read."""
+    module_keys = list(adapter.modules)
+    detection = detect_layout(list(adapter.tensors), module_keys)
+    algorithms: Counter[str] = Counter()
+    ranks: Counter = Counter()
+    factors: Counter[str] = Counter()
+    tucker = dora = 0
+    for params in adapter.modules.values():
+        algo = algorithm_guess({p: None for p in params if p not in ("alpha", "dora_scale")})
+        algorithms[algo or "unknown"] += 1
+        rank = _module_rank(algo, params)
+        ranks[rank if rank is not None else ("full" if algo == "lokr" else "none")] += 1
+        if algo == "lokr":
+            w1 = _lokr_w1_shape(params)
+            if w1:
+                factors[w1] += 1
+        tucker += any(p in params for p in ("hada_t1", "hada_t2", "lokr_t1", "lokr_t2", "lora_mid.weight"))
+        dora += "dora_scale" in params
+    dtypes = Counter(str(t.dtype).replace("torch.", "") for t in adapter.tensors.values())
+    problems = list(adapter.problems)
+    if detection["unmatched"]:
+        shown = ", ".join(detection["unmatched"][:5])
+        more = f" and {len(detection['unmatched']) - 5} more" if len(detection["unmatched"]) > 5 else ""
+        problems.append(f"{len(detection['unmatched'])} module keys match no known layer of "
+                        f"{detection['family'] or 'any family'}: {shown}{more}")
+    if detection["family"] is None:
+        problems.append("model family not recognised (expected SDXL or Anima module names)")
+    return {
+        "file": str(adapter.path),
+        "size_bytes": adapter.size_bytes,
+        "family": detection["family"],
+        "layout": detection["layout"],
+        "modules": len(module_keys),
+        "parts": {p: detection["parts"][p] for p in PARTS if detection["parts"].get(p)}
+                 | {p: n for p, n in detection["parts"].items() if p not in PARTS},
+        "unmatched_modules": len(detection["unmatched"]),
+        "algorithms": dict(algorithms.most_common()),
+        "ranks": _sorted_hist(ranks),
+        "factors": _sorted_hist(factors),
+        "tucker": tucker,
+        "dora": dora,
+        "params": sum(t.numel() for t in adapter.tensors.values()),
+        "tensors": len(adapter.tensors),
+        "dtypes": dict(dtypes.most_common()),
+        "metadata": dict(adapter.metadata),
+        "problems": problems,
+        "detection": detection["reasons"],
+    }
+
+
+# ------------------------------------------------------------------ text form
+
+
+def _counts(d: Mapping[str, int], sep: str = " ") -> str:
+    return ", ".join(f"{k}{sep}{v}" for k, v in d.items()) or "-"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_report(r: Mapping) -> str:
+    """A compact two-column table of the report."""
+    rows = [
+        ("file", f"{r['file']} ({_size(r['size_bytes'])})"),
+        ("family", f"{r['family'] or 'unknown'}   layout {r['layout'] or 'unknown'}"),
+        ("modules", f"{r['modules']}   " + _counts(r["parts"])),
+        ("algorithms", _counts(r["algorithms"])),
+        ("ranks", _counts(r["ranks"], " x")),
+        ("LoKr w1", _counts(r["factors"], " x")),
+        ("tucker/dora", f"{r['tucker']} / {r['dora']} modules"),
+        ("params", f"{r['params']:,} in {r['tensors']} tensors   " + _counts(r["dtypes"])),
+    ]
+    meta = r["metadata"]
+    rows.append(("metadata", f"{len(meta)} keys" if meta else "none"))
+    for k in sorted(meta):
+        v = " ".join(meta[k].split())
+        rows.append(("", f"{k} = {v[:70] + '...' if len(v) > 73 else v}"))
+    rows.append(("problems", str(len(r["problems"])) if r["problems"] else "none"))
+    rows += [("", p) for p in r["problems"]]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)

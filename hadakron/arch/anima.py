@@ -1,0 +1,111 @@
+"""Anima as data: the DiT (`unet`: `blocks.N...`, embedders, final layer, `llm_adapter...`) and Qwen3-0.6B (`te`).
+
+DiT config (sd-scripts `anima_utils.load_anima_model`): model_channels 2048, 28 blocks, cross-attention
+context 1024, mlp ratio 4, adaLN-LoRA dim 256, patch input 68 (16 latent channels x 2x2 + padding mask),
+output 64. LLM adapter: 6 blocks of width 1024 (MLP 4096). Qwen3-0.6B: hidden 1024, 28 layers,
+16 query heads / 8 KV heads of 128, MLP 3072.
+
+Targets as sd-scripts: classes Block, PatchEmbed, TimestepEmbedding, FinalLayer with default excludes
+`.*(_modulation|_norm|_embedder|final_layer).*`, which leaves 28 x 10 = 280 DiT Linears; with
+`train_llm_adapter` the LLMAdapterTransformerBlock Linears add 6 x 10 = 60; Qwen3 attention and MLP
+give 28 x 7 = 196. `include_patterns` can rescue excluded layers (adaLN, embedders, final layer).
+
+Block labels: `blocks.N...` -> `BLOCK{N:02d}`, `llm_adapter...` -> `LLM_ADAPTER`, other DiT layers ->
+`OTHER`, text encoder -> `TE`.
+"""
+from __future__ import annotations
+
+from hadakron.arch.family import Family, Layer, block_index_label
+
+MODEL_CHANNELS = 2048
+NUM_BLOCKS = 28
+CROSSATTN_DIM = 1024
+MLP_RATIO = 4
+ADALN_LORA_DIM = 256
+PATCH_IN = 68
+PATCH_OUT = 64
+LLM_ADAPTER = {"dim": 1024, "mlp": 4096, "blocks": 6}
+QWEN3_06B = {"hidden": 1024, "layers": 28, "q_out": 2048, "kv_out": 1024, "mlp": 3072}
+
+
+def _dit_layers() -> list[Layer]:
+    c = MODEL_CHANNELS
+    layers = [
+        Layer("x_embedder.proj.1", (c, PATCH_IN), "PatchEmbed"),
+        Layer("t_embedder.1.linear_1", (c, c), "TimestepEmbedding"),
+        Layer("t_embedder.1.linear_2", (3 * c, c), "TimestepEmbedding"),
+    ]
+    for i in range(NUM_BLOCKS):
+        p = f"blocks.{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "output_proj"):
+            layers.append(Layer(f"{p}.self_attn.{name}", (c, c), "Block"))
+        for name in ("q_proj", "k_proj", "v_proj", "output_proj"):
+            cin = CROSSATTN_DIM if name in ("k_proj", "v_proj") else c
+            layers.append(Layer(f"{p}.cross_attn.{name}", (c, cin), "Block"))
+        layers.append(Layer(f"{p}.mlp.layer1", (MLP_RATIO * c, c), "Block"))
+        layers.append(Layer(f"{p}.mlp.layer2", (c, MLP_RATIO * c), "Block"))
+        for which in ("self_attn", "cross_attn", "mlp"):
+            layers.append(Layer(f"{p}.adaln_modulation_{which}.1", (ADALN_LORA_DIM, c), "Block"))
+            layers.append(Layer(f"{p}.adaln_modulation_{which}.2", (3 * c, ADALN_LORA_DIM), "Block"))
+    layers += [
+        Layer("final_layer.linear", (PATCH_OUT, c), "FinalLayer"),
+        Layer("final_layer.adaln_modulation.1", (ADALN_LORA_DIM, c), "FinalLayer"),
+        Layer("final_layer.adaln_modulation.2", (2 * c, ADALN_LORA_DIM), "FinalLayer"),
+    ]
+    d, m = LLM_ADAPTER["dim"], LLM_ADAPTER["mlp"]
+    for i in range(LLM_ADAPTER["blocks"]):
+        p = f"llm_adapter.blocks.{i}"
+        for attn in ("self_attn", "cross_attn"):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                layers.append(Layer(f"{p}.{attn}.{name}", (d, d), "LLMAdapterTransformerBlock"))
+        layers.append(Layer(f"{p}.mlp.0", (m, d), "LLMAdapterTransformerBlock"))
+        layers.append(Layer(f"{p}.mlp.2", (d, m), "LLMAdapterTransformerBlock"))
+    layers.append(Layer("llm_adapter.out_proj", (d, d), ""))
+    return layers
+
+
+def _qwen3_layers() -> list[Layer]:
+    q = QWEN3_06B
+    h = q["hidden"]
+    out = []
+    for i in range(q["layers"]):
+        p = f"layers.{i}"
+        out += [
+            Layer(f"{p}.self_attn.q_proj", (q["q_out"], h), "Qwen3Attention"),
+            Layer(f"{p}.self_attn.k_proj", (q["kv_out"], h), "Qwen3Attention"),
+            Layer(f"{p}.self_attn.v_proj", (q["kv_out"], h), "Qwen3Attention"),
+            Layer(f"{p}.self_attn.o_proj", (h, q["q_out"]), "Qwen3Attention"),
+            Layer(f"{p}.mlp.gate_proj", (q["mlp"], h), "Qwen3MLP"),
+            Layer(f"{p}.mlp.up_proj", (q["mlp"], h), "Qwen3MLP"),
+            Layer(f"{p}.mlp.down_proj", (h, q["mlp"]), "Qwen3MLP"),
+        ]
+    return out
+
+
+def block_of(part: str, dotted: str) -> str:
+    """`BLOCK{N:02d}` / `LLM_ADAPTER` / `OTHER` for DiT layers, `TE` for the text encoder."""
+    if part != "unet":
+        return part.upper()
+    if dotted.startswith("llm_adapter."):
+        return "LLM_ADAPTER"
+    return block_index_label(dotted, "blocks.", "BLOCK") or "OTHER"
+
+
+ANIMA = Family(
+    name="anima",
+    title="Anima",
+    parts=("unet", "te"),
+    layers={
+        "unet": {layer.dotted: layer for layer in _dit_layers()},
+        "te": {layer.dotted: layer for layer in _qwen3_layers()},
+    },
+    target_groups={
+        "unet": frozenset({"Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer"}),
+        "te": frozenset({"Qwen3Attention", "Qwen3MLP"}),
+    },
+    conv_groups={},
+    llm_adapter_groups={"unet": frozenset({"LLMAdapterTransformerBlock"})},
+    default_excludes=[r".*(_modulation|_norm|_embedder|final_layer).*"],
+    part_titles={"unet": "DiT", "te": "Qwen3-0.6B text encoder"},
+    block_fn=block_of,
+)

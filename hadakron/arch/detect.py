@@ -1,0 +1,218 @@
+"""Which family, parts and layout an adapter file (its keys) or a live model (its module names) belongs to.
+
+Detection counts how many modules name a known layer of each family and part; it never guesses names.
+Every result carries readable `reasons`, and `DetectResult.require(...)` turns a wrong family or a wrong
+algorithm (a LoRA file where LoHa/LoKr was asked) into a clear error.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from torch import nn
+
+from hadakron.arch.family import Family
+from hadakron.arch.layouts import FAMILIES, LAYOUTS, LAYOUT_TITLES, file_key, get_family, parse_keys
+
+ALGORITHM_TITLES = {"loha": "LoHa", "lokr": "LoKr", "lora": "LoRA", "diff": "full diff", "other": "unknown"}
+
+
+@dataclass
+class DetectResult:
+    """Outcome of detection. `counts[family][part]` = modules found; `modules` = module key -> (part, dotted).
+
+    `layout` is None for live models (and for files that match nothing); `prefixes[part]` is the module
+    name prefix of each part in a live model (e.g. `diffusion_model.`).
+    """
+
+    family: str | None
+    parts: tuple[str, ...]
+    layout: str | None
+    reasons: list[str]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    algorithms: dict[str, int] = field(default_factory=dict)
+    modules: dict[str, tuple[str, str]] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+    prefixes: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: family, parts, layout and algorithms."""
+        if self.family is None:
+            return "unknown family: " + "; ".join(self.reasons)
+        fam = get_family(self.family)
+        parts = ", ".join(f"{fam.part_titles[p]} ({self.counts[self.family][p]})" for p in self.parts)
+        algos = ", ".join(f"{n} {ALGORITHM_TITLES.get(a, a)}" for a, n in sorted(self.algorithms.items()))
+        layout = f"; layout {LAYOUT_TITLES.get(self.layout, self.layout)}" if self.layout else ""
+        return f"{fam.title}: {parts}{layout}" + (f"; {algos}" if algos else "")
+
+    def require(self, family: str | None = None, algorithms: Iterable[str] | None = None, what: str = "file") -> None:
+        """Raise ValueError with a clear message when the family or the adapter algorithm is not the wanted one."""
+        if family is not None:
+            want = get_family(family)
+            if self.family != want.name:
+                raise ValueError(f"{what} is not an {want.title} adapter: {describe_other(self, want)}")
+        if algorithms is not None:
+            wanted = set(algorithms)
+            found = {a for a, n in self.algorithms.items() if n}
+            if not found & wanted:
+                have = ", ".join(f"{n} {ALGORITHM_TITLES.get(a, a)} modules{_ALGO_HINT.get(a, '')}"
+                                 for a, n in sorted(self.algorithms.items())) or "no adapter modules"
+                names = "/".join(ALGORITHM_TITLES.get(a, a) for a in sorted(wanted))
+                raise ValueError(f"{what} holds {have}, no {names} modules; "
+                                 f"use a loader for its algorithm (e.g. ComfyUI's LoraLoader for LoRA)")
+
+
+_ALGO_HINT = {"lora": " (lora_up/lora_down)", "loha": " (hada_*)", "lokr": " (lokr_*)", "diff": " (diff)"}
+
+
+def describe_other(result: DetectResult, want: Family) -> str:
+    """'file has 722 SDXL UNet modules (e.g. input_blocks...), none of Anima's'."""
+    if result.family is None:
+        return f"no key names a layer of {want.title} or of any other known family ({'; '.join(result.reasons)})"
+    fam = get_family(result.family)
+    pieces = []
+    for part in result.parts:
+        example = next((d for p, d in result.modules.values() if p == part), "")
+        pieces.append(f"{result.counts[fam.name][part]} {fam.title} {fam.part_titles[part]} modules (e.g. {example})")
+    return f"it has {', '.join(pieces)}, none of {want.title}'s"
+
+
+def _algorithm(params: set[str]) -> str:
+    if any(p.startswith("hada_") for p in params):
+        return "loha"
+    if any(p.startswith("lokr_") for p in params):
+        return "lokr"
+    if any(p.startswith("lora_") for p in params):
+        return "lora"
+    if params & {"diff", "diff_b", "set_weight", "w_norm", "b_norm"}:
+        return "diff"
+    return "other"
+
+
+def detect_family(keys: Iterable[str]) -> DetectResult:
+    """Family, parts and layout of an adapter file from its keys, with the reasons."""
+    keys = list(keys)
+    best = None
+    counts: dict[str, dict[str, int]] = {}
+    per_family = {}
+    for name, fam in FAMILIES.items():
+        parsed, unknown = parse_keys(keys, fam)
+        per_family[name] = (parsed, unknown)
+        modules = {(p.part, p.dotted) for p in parsed}
+        counts[name] = {part: sum(1 for m in modules if m[0] == part) for part in fam.parts}
+        total = len(modules)
+        if total and (best is None or total > sum(counts[best].values())):
+            best = name
+    if best is None:
+        sample = ", ".join(repr(k) for k in keys[:3])
+        return DetectResult(None, (), None, [f"none of {len(keys)} keys names a layer of "
+                                             f"{' or '.join(f.title for f in FAMILIES.values())} (e.g. {sample})"],
+                            counts=counts, unknown=keys)
+    fam = FAMILIES[best]
+    parsed, unknown = per_family[best]
+    parts = tuple(p for p in fam.parts if counts[best][p])
+    reasons = [f"{counts[best][p]} modules name {fam.title} {fam.part_titles[p]} layers" for p in parts]
+    for other, c in counts.items():
+        if other != best and sum(c.values()):
+            reasons.append(f"{sum(c.values())} modules would also fit {FAMILIES[other].title}: mixed or ambiguous file")
+    if unknown:
+        reasons.append(f"{len(unknown)} keys name no known {fam.title} layer (e.g. {unknown[0]!r})")
+
+    layout = None
+    for candidate in LAYOUTS:
+        try:
+            if all(file_key(fam, p.part, p.dotted, p.param, candidate) == p.key for p in parsed):
+                layout = candidate
+                break
+        except ValueError:
+            continue
+    if layout is None:
+        votes = Counter(p.layout for p in parsed)
+        layout = votes.most_common(1)[0][0]
+        if len(votes) > 1:
+            reasons.append("keys mix layouts: " + ", ".join(f"{n} {lay}" for lay, n in votes.most_common()))
+        else:
+            reasons.append(f"layout {layout} in a non-canonical spelling")
+    params: dict[str, set[str]] = defaultdict(set)
+    modules: dict[str, tuple[str, str]] = {}
+    for p in parsed:
+        params[p.module_key].add(p.param)
+        modules[p.module_key] = (p.part, p.dotted)
+    algos = Counter(_algorithm(ps) for ps in params.values())
+    return DetectResult(best, parts, layout, reasons, counts=counts, algorithms=dict(algos),
+                        modules=modules, unknown=unknown)
+
+
+# ---------------------------------------------------------------------------------------- live models
+_MODEL_PREFIXES = {
+    "unet": ("", "diffusion_model.", "model.diffusion_model.", "net."),
+    "te1": ("", "transformer.", "clip_l.transformer.", "cond_stage_model.clip_l.transformer.",
+            "conditioner.embedders.0.transformer."),
+    "te2": ("", "transformer.", "clip_g.transformer.", "cond_stage_model.clip_g.transformer."),
+    "te": ("", "model.", "transformer.model.", "qwen3_06b.transformer.model.",
+           "cond_stage_model.qwen3_06b.transformer.model."),
+}
+
+
+def _names(named_modules: Iterable[tuple[str, object]] | Iterable[str] | nn.Module) -> list[str]:
+    if isinstance(named_modules, nn.Module):
+        return [n for n, _ in named_modules.named_modules()]
+    out = []
+    for item in named_modules:
+        out.append(item if isinstance(item, str) else item[0])
+    return out
+
+
+def match_part_names(family: str | Family, part: str, names: Iterable[str]) -> tuple[str, dict[str, str]]:
+    """`(prefix, {dotted: module name})`: the name prefix under which most of `part`'s layers are found."""
+    fam = get_family(family)
+    known = fam.layers[part]
+    names = list(names)
+    best: tuple[str, dict[str, str]] = ("", {})
+    for prefix in _MODEL_PREFIXES.get(part, ("",)):
+        found = {n[len(prefix):]: n for n in names if n.startswith(prefix) and n[len(prefix):] in known}
+        if len(found) > len(best[1]):
+            best = (prefix, found)
+    return best
+
+
+def detect_model_family(named_modules: Iterable[tuple[str, object]] | Iterable[str] | nn.Module) -> DetectResult:
+    """Family and parts of a live model from its module names (ComfyUI's `diffusion_model.` etc. accepted).
+
+    SDXL CLIP-L and CLIP-G share names; a part counts as found for the part whose names it covers the
+    larger fraction of (12 layers: CLIP-L, 32 layers: CLIP-G).
+    """
+    names = _names(named_modules)
+    counts: dict[str, dict[str, int]] = {}
+    found_parts: dict[str, dict[str, str]] = {}
+    fractions: dict[str, dict[str, float]] = {}
+    for fname, fam in FAMILIES.items():
+        counts[fname], fractions[fname], found_parts[fname] = {}, {}, {}
+        for part in fam.parts:
+            prefix, found = match_part_names(fam, part, names)
+            counts[fname][part] = len(found)
+            fractions[fname][part] = len(found) / len(fam.layers[part])
+            found_parts[fname][part] = prefix
+    # CLIP-L/CLIP-G: keep the one with the larger coverage when both match the same names
+    sd = fractions["sdxl"]
+    if counts["sdxl"]["te1"] and counts["sdxl"]["te2"] and found_parts["sdxl"]["te1"] == found_parts["sdxl"]["te2"]:
+        drop = "te2" if sd["te1"] >= sd["te2"] else "te1"
+        counts["sdxl"][drop] = 0
+    totals = {f: sum(c.values()) for f, c in counts.items()}
+    best = max(totals, key=lambda f: totals[f])
+    if totals[best] == 0:
+        sample = ", ".join(repr(n) for n in names[1:4])
+        return DetectResult(None, (), None, [f"no module of the model ({len(names)} names, e.g. {sample}) "
+                                             f"is a known SDXL or Anima layer"], counts=counts)
+    fam = FAMILIES[best]
+    parts = tuple(p for p in fam.parts if counts[best][p])
+    reasons = [f"{counts[best][p]} of {len(fam.layers[p])} {fam.title} {fam.part_titles[p]} layers found"
+               + (f" under prefix {found_parts[best][p]!r}" if found_parts[best][p] else "") for p in parts]
+    return DetectResult(best, parts, None, reasons, counts=counts,
+                        prefixes={p: found_parts[best][p] for p in parts})
+
+
+def detect_state_dict_family(state_dict: Mapping[str, object]) -> DetectResult:
+    """Detection from a model's state-dict keys (`....weight`) rather than module names."""
+    return detect_model_family(k[: -len(".weight")] for k in state_dict if k.endswith(".weight"))

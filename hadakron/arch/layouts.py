@@ -1,0 +1,291 @@
+"""Key layouts of adapter files, converted both ways through the family's known layer names.
+
+A file key is `<module_key>.<param>`. Inside hadakron a module is `(family, part, dotted)`; each layout
+spells it differently (examples for SDXL `input_blocks.4.1.transformer_blocks.0.attn1.to_q` / Anima):
+
+| layout | UNet / DiT | text encoders |
+|---|---|---|
+| kohya | `lora_unet_input_blocks_4_1_..._to_q` | `lora_te1_` / `lora_te2_` (SDXL), `lora_te_` (Anima) + `_`-joined |
+| lycoris | SDXL `lycoris_down_blocks_1_attentions_0_..._to_q` (diffusers names, as SimpleTuner and ComfyUI), Anima `lycoris_blocks_0_...` | as kohya |
+| comfyui | `diffusion_model.<dotted>` | `text_encoders.clip_l.transformer.<dotted>` / `text_encoders.clip_g.transformer.<dotted>`, `text_encoders.qwen3_06b.transformer.model.<dotted>` |
+| peft | `base_model.model.<dotted>` | `text_encoder.base_model.model.<dotted>` (SDXL te2: `text_encoder_2.`) |
+| diffusers (SDXL only) | `unet.<diffusers dotted>` | `text_encoder.<dotted>` / `text_encoder_2.<dotted>` |
+
+PEFT and diffusers spell LoRA tensors `lora_A.weight` / `lora_B.weight`; they are read as
+`lora_down.weight` / `lora_up.weight` and written back in the layout's own spelling. LoHa/LoKr
+tensor names are the same in every layout.
+
+Reading also accepts the other spellings seen in the wild: `lora_te_` for SDXL CLIP-L, `clip_l.transformer.`
+without `text_encoders.`, `qwen3_06b.transformer.model.`, `unet.base_model.model.`, `lora_unet_` or
+`lycoris_` or bare prefix with diffusers names, `lycoris_` with SGM names, and diffusers
+`...attn1.processor.to_q` / `...processor.to_out`. Bare `base_model.model.text_model...` (SDXL) is
+CLIP-G when its layer index exists only there (12..31) and CLIP-L otherwise. `_`-joined names go back
+to dotted names only through a lookup built from the family's layer list: never by guessing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from hadakron.arch.anima import ANIMA
+from hadakron.arch.family import Family
+from hadakron.arch.sdxl import DIFFUSERS_TO_SGM, SDXL, SGM_TO_DIFFUSERS
+
+LAYOUTS = ("kohya", "lycoris", "comfyui", "peft", "diffusers")
+LAYOUT_TITLES = {
+    "kohya": "kohya (lora_unet_/lora_te*_)",
+    "lycoris": "LyCORIS standalone (lycoris_)",
+    "comfyui": "ComfyUI native (diffusion_model./text_encoders.)",
+    "peft": "PEFT (base_model.model.)",
+    "diffusers": "diffusers (unet./text_encoder.)",
+}
+FAMILIES: dict[str, Family] = {"sdxl": SDXL, "anima": ANIMA}
+
+# Parameter suffixes a module key can carry, mapped to hadakron's canonical names.
+PARAM_ALIASES: dict[str, str] = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora.down.weight": "lora_down.weight",
+    "lora.up.weight": "lora_up.weight",
+    "lora_linear_layer.down.weight": "lora_down.weight",
+    "lora_linear_layer.up.weight": "lora_up.weight",
+}
+PARAMS: tuple[str, ...] = (
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
+    "lora_up.weight", "lora_down.weight", "lora_mid.weight",
+    "alpha", "dora_scale", "scalar", "diff", "diff_b", "w_norm", "b_norm", "set_weight", "on_input",
+    *PARAM_ALIASES,
+)
+_SUFFIXES = sorted(PARAMS, key=len, reverse=True)
+_AB_LAYOUTS = ("peft", "diffusers")
+_TO_AB = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+
+
+def get_family(name: str | Family) -> Family:
+    """The `Family` called `name` ("sdxl" or "anima"); a Family passes through."""
+    if isinstance(name, Family):
+        return name
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}") from None
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown key layout {layout!r}; known: {list(LAYOUTS)}")
+
+
+# ---------------------------------------------------------------------------------------- params
+def split_key(key: str) -> tuple[str, str]:
+    """`(module_key, param)` of a file key; param in canonical spelling (PEFT lora_A -> lora_down.weight).
+
+    Raises ValueError naming the key when it ends in no known adapter tensor name.
+    """
+    for suffix in _SUFFIXES:
+        if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
+            return key[: -len(suffix) - 1], PARAM_ALIASES.get(suffix, suffix)
+    for old, new in (("_lora.up.weight", "lora_up.weight"), ("_lora.down.weight", "lora_down.weight")):
+        if key.endswith(old) and len(key) > len(old):  # diffusers attn-procs: `...to_q_lora.up.weight`
+            return key[: -len(old)], new
+    raise ValueError(f"key {key!r} ends in no known adapter tensor name (known: {', '.join(PARAMS)})")
+
+
+def join_key(module_key: str, param: str, layout: str) -> str:
+    """File key for `param` (canonical name) of `module_key` in `layout`'s own spelling."""
+    param = PARAM_ALIASES.get(param, param)
+    if layout in _AB_LAYOUTS:
+        param = _TO_AB.get(param, param)
+    return f"{module_key}.{param}"
+
+
+# ---------------------------------------------------------------------------------------- writing
+_KOHYA = {"sdxl": {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"},
+          "anima": {"unet": "lora_unet_", "te": "lora_te_"}}
+_COMFY = {"sdxl": {"unet": "diffusion_model.", "te1": "text_encoders.clip_l.transformer.",
+                   "te2": "text_encoders.clip_g.transformer."},
+          "anima": {"unet": "diffusion_model.", "te": "text_encoders.qwen3_06b.transformer.model."}}
+_PEFT = {"sdxl": {"unet": "base_model.model.", "te1": "text_encoder.base_model.model.",
+                  "te2": "text_encoder_2.base_model.model."},
+         "anima": {"unet": "base_model.model.", "te": "text_encoder.base_model.model."}}
+_DIFFUSERS = {"sdxl": {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}}
+
+
+def module_key(family: str | Family, part: str, dotted: str, layout: str) -> str:
+    """The module key of `(family, part, dotted)` in `layout` (see the module docstring)."""
+    fam = get_family(family)
+    check_layout(layout)
+    fam.check_part(part)
+    if dotted not in fam.layers[part]:
+        raise ValueError(f"{fam.name} {part}: unknown layer {dotted!r} (not in the family's layer list)")
+    if layout == "kohya" or (layout == "lycoris" and part != "unet"):
+        return _KOHYA[fam.name][part] + dotted.replace(".", "_")
+    if layout == "lycoris":
+        name = SGM_TO_DIFFUSERS[dotted] if fam.name == "sdxl" else dotted
+        return "lycoris_" + name.replace(".", "_")
+    if layout == "comfyui":
+        return _COMFY[fam.name][part] + dotted
+    if layout == "peft":
+        return _PEFT[fam.name][part] + dotted
+    if fam.name not in _DIFFUSERS:
+        raise ValueError(f"the diffusers layout has no names for {fam.title}; use kohya, lycoris, comfyui or peft")
+    name = SGM_TO_DIFFUSERS[dotted] if part == "unet" else dotted
+    return _DIFFUSERS[fam.name][part] + name
+
+
+def file_key(family: str | Family, part: str, dotted: str, param: str, layout: str) -> str:
+    """Full file key `<module_key>.<param>` in `layout`."""
+    return join_key(module_key(family, part, dotted, layout), param, layout)
+
+
+# ---------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class _Rule:
+    prefix: str
+    family: str
+    parts: tuple[str, ...]  # several: the first part that knows the name (SDXL bare CLIP names)
+    names: str  # "dotted", "joined", "diff_dotted", "diff_joined"
+    layout: str
+
+
+def _rules() -> list[_Rule]:
+    r: list[_Rule] = []
+    for fam, parts in _KOHYA.items():
+        for part, prefix in parts.items():
+            r.append(_Rule(prefix, fam, (part,), "joined", "kohya"))
+    r += [
+        _Rule("lora_te_", "sdxl", ("te1",), "joined", "kohya"),  # SD1-style CLIP-L prefix (ComfyUI maps it)
+        _Rule("lora_unet_", "sdxl", ("unet",), "diff_joined", "diffusers"),
+        _Rule("lycoris_", "sdxl", ("unet",), "diff_joined", "lycoris"),
+        _Rule("lycoris_", "sdxl", ("unet",), "joined", "lycoris"),
+        _Rule("lycoris_", "anima", ("unet",), "joined", "lycoris"),
+        _Rule("clip_l.transformer.", "sdxl", ("te1",), "dotted", "comfyui"),
+        _Rule("clip_g.transformer.", "sdxl", ("te2",), "dotted", "comfyui"),
+        _Rule("qwen3_06b.transformer.model.", "anima", ("te",), "dotted", "comfyui"),
+        _Rule("text_encoders.transformer.model.", "anima", ("te",), "dotted", "comfyui"),
+        _Rule("unet.base_model.model.", "sdxl", ("unet",), "dotted", "peft"),
+        _Rule("unet.base_model.model.", "sdxl", ("unet",), "diff_dotted", "peft"),
+        _Rule("base_model.model.", "sdxl", ("unet",), "diff_dotted", "peft"),
+        _Rule("base_model.model.", "sdxl", ("te1", "te2"), "dotted", "peft"),
+        _Rule("base_model.model.", "anima", ("te",), "dotted", "peft"),
+        _Rule("", "sdxl", ("unet",), "diff_dotted", "diffusers"),
+    ]
+    for table, layout in ((_COMFY, "comfyui"), (_PEFT, "peft")):
+        for fam, parts in table.items():
+            for part, prefix in parts.items():
+                r.append(_Rule(prefix, fam, (part,), "dotted", layout))
+    for fam, parts in _DIFFUSERS.items():
+        for part, prefix in parts.items():
+            r.append(_Rule(prefix, fam, (part,), "diff_dotted" if part == "unet" else "dotted", "diffusers"))
+    return sorted(r, key=lambda x: -len(x.prefix))  # longest prefix first (stable: listed order on ties)
+
+
+_RULES = _rules()
+_DIFF_JOINED = {k.replace(".", "_"): v for k, v in DIFFUSERS_TO_SGM.items()}
+
+
+def _diffusers_dotted(name: str) -> str | None:
+    name = name.replace(".processor.", ".")
+    if name.endswith(".to_out"):
+        name += ".0"
+    return DIFFUSERS_TO_SGM.get(name)
+
+
+def _resolve(fam: Family, rule: _Rule, rest: str) -> tuple[str, str] | None:
+    """`(part, dotted)` for the name after the rule's prefix, from known names only."""
+    for part in rule.parts:
+        if rule.names == "dotted":
+            dotted = rest if rest in fam.layers[part] else None
+        elif rule.names == "joined":
+            dotted = fam.joined_lookup(part).get(rest)
+        elif rule.names == "diff_dotted":
+            dotted = _diffusers_dotted(rest)
+        else:
+            dotted = _DIFF_JOINED.get(rest)
+        if dotted is not None and dotted in fam.layers[part]:
+            return part, dotted
+    return None
+
+
+def parse_module_key(module_key: str, family: str | Family | None = None) -> tuple[str, str, str, str] | None:
+    """`(family, part, dotted, layout)` of a module key, or None when no family knows the name."""
+    fam_name = None if family is None else get_family(family).name
+    for rule in _RULES:
+        if fam_name is not None and rule.family != fam_name:
+            continue
+        if not module_key.startswith(rule.prefix):
+            continue
+        hit = _resolve(FAMILIES[rule.family], rule, module_key[len(rule.prefix):])
+        if hit is not None:
+            return rule.family, hit[0], hit[1], rule.layout
+    return None
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """One file key resolved: module `(family, part, dotted)`, the layout it was written in, canonical param."""
+
+    key: str
+    module_key: str
+    family: str
+    part: str
+    dotted: str
+    layout: str
+    param: str
+
+
+def parse_key(key: str, family: str | Family | None = None) -> ParsedKey | None:
+    """Resolve a full file key; None when the module name is unknown or the key has no adapter tensor name."""
+    try:
+        mk, param = split_key(key)
+    except ValueError:
+        return None
+    hit = parse_module_key(mk, family)
+    if hit is None:
+        return None
+    return ParsedKey(key, mk, hit[0], hit[1], hit[2], hit[3], param)
+
+
+def parse_keys(keys: Iterable[str], family: str | Family | None = None) -> tuple[list[ParsedKey], list[str]]:
+    """Resolve many keys: `(parsed, unknown keys)`.
+
+    File-level rule: bare PEFT CLIP names of an SDXL file are all CLIP-G when any of them has a layer
+    index only CLIP-G has (12..31).
+    """
+    parsed, unknown = [], []
+    for k in keys:
+        p = parse_key(k, family)
+        (parsed.append(p) if p is not None else unknown.append(k))
+    bare = [p for p in parsed if p.family == "sdxl" and p.layout == "peft" and p.module_key.startswith("base_model.model.text_model.")]
+    if any(p.part == "te2" for p in bare):
+        fix = {id(p) for p in bare}
+        parsed = [ParsedKey(p.key, p.module_key, p.family, "te2", p.dotted, p.layout, p.param) if id(p) in fix else p
+                  for p in parsed]
+    return parsed, unknown
+
+
+# ---------------------------------------------------------------------------------------- converting
+def convert_key(key: str, layout: str, family: str | Family | None = None) -> str:
+    """`key` rewritten in `layout`; ValueError naming the key when its module is unknown."""
+    p = parse_key(key, family)
+    if p is None:
+        raise ValueError(f"cannot convert key {key!r}: its module is not a known layer of "
+                         f"{'any family' if family is None else get_family(family).title}")
+    return file_key(p.family, p.part, p.dotted, p.param, layout)
+
+
+def convert_state_dict(tensors: Mapping[str, object], layout: str, family: str | Family | None = None) -> dict:
+    """All keys of an adapter file rewritten in `layout` (values untouched); unknown keys raise."""
+    check_layout(layout)
+    parsed, unknown = parse_keys(tensors, family)
+    if unknown:
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise ValueError(f"cannot convert: {len(unknown)} key(s) name no known layer, e.g. {unknown[:5]}{more}")
+    out: dict = {}
+    for p in parsed:
+        new = file_key(p.family, p.part, p.dotted, p.param, layout)
+        if new in out:
+            raise ValueError(f"cannot convert: keys collide on {new!r} (two spellings of one module in the file)")
+        out[new] = tensors[p.key]
+    return out

@@ -1,0 +1,194 @@
+// Turns the loader's report dict (hadakron_report ui output) into text lines for the node.
+// Tolerant of shape: matched may be {part: {block: n}}, {part: n}, [{part, block, count}] or a number;
+// unmatched may be [{key, reason, expected, found}], [string] or {key: reason}.
+
+/** Metadata keys shown first, in this order, with a short label. */
+const METADATA_KEYS = [
+  ["ss_network_module", "network"],
+  ["ss_network_dim", "dim"],
+  ["ss_network_alpha", "alpha"],
+  ["ss_network_args", "network args"],
+  ["ss_base_model_version", "base model"],
+  ["ss_sd_model_name", "trained on"],
+  ["modelspec.architecture", "architecture"],
+  ["modelspec.title", "title"],
+  ["ss_steps", "steps"],
+  ["ss_num_train_images", "images"],
+  ["ss_training_comment", "comment"],
+];
+
+/** Top-level scalar fields shown in the summary, with a label. */
+const SUMMARY_KEYS = [
+  ["family", "family"],
+  ["file", "file"],
+  ["layout", "layout"],
+  ["algorithm", "algorithm"],
+  ["algorithms", "algorithms"],
+  ["strength_model", "strength (model)"],
+  ["strength_clip", "strength (clip)"],
+  ["block_weights", "block weights"],
+  ["patches", "patches"],
+];
+
+/**
+ * Compares strings with embedded numbers numerically ("input_blocks.10" after "input_blocks.9").
+ * @param {string} a
+ * @param {string} b
+ */
+export function naturalCompare(a, b) {
+  const re = /(\d+)|(\D+)/g;
+  const ta = String(a).match(re) || [];
+  const tb = String(b).match(re) || [];
+  for (let i = 0; i < Math.min(ta.length, tb.length); i++) {
+    const x = ta[i];
+    const y = tb[i];
+    if (x === y) continue;
+    const nx = /^\d+$/.test(x);
+    const ny = /^\d+$/.test(y);
+    if (nx && ny) return Number(x) - Number(y) || x.length - y.length;
+    return x < y ? -1 : 1;
+  }
+  return ta.length - tb.length;
+}
+
+/** Shortens text to at most max characters with an ellipsis. */
+export function truncate(text, max = 120) {
+  const s = String(text);
+  return s.length <= max ? s : s.slice(0, Math.max(0, max - 1)) + "\u2026";
+}
+
+/** A value as short text: objects/arrays as compact JSON, shapes as (a, b). */
+function valueText(v) {
+  if (v === null || v === undefined) return "";
+  if (Array.isArray(v) && v.every((x) => Number.isInteger(x))) return `(${v.join(", ")})`;
+  if (typeof v === "object") return JSON.stringify(v);
+  return String(v);
+}
+
+/**
+ * Normalises the report's matched counts to {part: {block: count}} (a bare count goes under block "").
+ * @param {unknown} matched
+ * @returns {Map<string, Map<string, number>>}
+ */
+export function matchedByPart(matched) {
+  /** @type {Map<string, Map<string, number>>} */
+  const out = new Map();
+  const add = (part, block, n) => {
+    const c = Number(n);
+    if (!Number.isFinite(c)) return;
+    if (!out.has(part)) out.set(part, new Map());
+    const blocks = out.get(part);
+    blocks.set(block, (blocks.get(block) || 0) + c);
+  };
+  if (typeof matched === "number") add("all", "", matched);
+  else if (Array.isArray(matched)) {
+    for (const e of matched) if (e && typeof e === "object") add(String(e.part ?? "all"), String(e.block ?? ""), e.count ?? e.n ?? 1);
+  } else if (matched && typeof matched === "object") {
+    for (const [part, v] of Object.entries(matched)) {
+      if (v && typeof v === "object" && !Array.isArray(v)) for (const [block, n] of Object.entries(v)) add(part, block, n);
+      else add(part, "", v);
+    }
+  }
+  return out;
+}
+
+/**
+ * The unmatched entries as {key, reason} with expected/found shapes folded into the reason.
+ * @param {unknown} unmatched
+ * @returns {{key: string, reason: string}[]}
+ */
+export function unmatchedEntries(unmatched) {
+  const out = [];
+  const reasonOf = (e) => {
+    let r = valueText(e.reason ?? e.message ?? "unmatched");
+    if (e.expected !== undefined || e.found !== undefined) r += ` (expected ${valueText(e.expected)}, found ${valueText(e.found)})`;
+    return r;
+  };
+  if (Array.isArray(unmatched)) {
+    for (const e of unmatched) {
+      if (typeof e === "string") out.push({ key: e, reason: "" });
+      else if (e && typeof e === "object") out.push({ key: String(e.key ?? e.module ?? "?"), reason: reasonOf(e) });
+    }
+  } else if (unmatched && typeof unmatched === "object") {
+    for (const [key, v] of Object.entries(unmatched)) {
+      out.push({ key, reason: v && typeof v === "object" ? reasonOf(v) : valueText(v) });
+    }
+  }
+  return out;
+}
+
+/**
+ * The report as sections of lines for display.
+ * @param {object} report the hadakron_report dict
+ * @param {{collapseAfter?: number, maxValue?: number}} [opts] unmatched lists longer than collapseAfter are
+ *   marked collapsed; metadata values are cut to maxValue characters
+ * @returns {{summary: string[], matched: string[], matchedTotal: number, unmatched: string[],
+ *   unmatchedCollapsed: boolean, metadata: string[], warnings: string[]}}
+ */
+export function formatReport(report, opts = {}) {
+  const { collapseAfter = 8, maxValue = 120 } = opts;
+  const r = report && typeof report === "object" ? /** @type {any} */ (report) : {};
+
+  const summary = [];
+  for (const [key, label] of SUMMARY_KEYS) {
+    const v = r[key];
+    if (v === undefined || v === null || v === "") continue;
+    summary.push(`${label}: ${truncate(valueText(Array.isArray(v) ? v.join(", ") : v), maxValue)}`);
+  }
+
+  const parts = matchedByPart(r.matched);
+  const matched = [];
+  let matchedTotal = 0;
+  for (const part of [...parts.keys()].sort(naturalCompare)) {
+    const blocks = parts.get(part);
+    const sum = [...blocks.values()].reduce((a, b) => a + b, 0);
+    matchedTotal += sum;
+    matched.push(`${part}: ${sum}`);
+    const named = [...blocks.keys()].filter((b) => b !== "").sort(naturalCompare);
+    for (const b of named) matched.push(`  ${b}: ${blocks.get(b)}`);
+  }
+
+  const entries = unmatchedEntries(r.unmatched);
+  const unmatched = entries.map((e) => (e.reason ? `${e.key}: ${e.reason}` : e.key));
+
+  const metadata = [];
+  const meta = r.metadata && typeof r.metadata === "object" ? r.metadata : {};
+  const shown = new Set();
+  for (const [key, label] of METADATA_KEYS) {
+    if (meta[key] === undefined || meta[key] === null || meta[key] === "") continue;
+    shown.add(key);
+    metadata.push(`${label}: ${truncate(valueText(meta[key]), maxValue)}`);
+  }
+  const rest = Object.keys(meta).filter((k) => !shown.has(k)).sort(naturalCompare);
+  for (const key of rest) metadata.push(`${key}: ${truncate(valueText(meta[key]), maxValue)}`);
+
+  const warnings = [];
+  const w = r.warnings ?? r.problems;
+  if (Array.isArray(w)) for (const x of w) warnings.push(truncate(valueText(x), 300));
+  else if (typeof w === "string" && w) warnings.push(w);
+
+  return {
+    summary,
+    matched,
+    matchedTotal,
+    unmatched,
+    unmatchedCollapsed: unmatched.length > collapseAfter,
+    metadata,
+    warnings,
+  };
+}
+
+/**
+ * One-line headline for the node: "sdxl · 794 matched · 3 unmatched".
+ * @param {ReturnType<typeof formatReport>} f
+ * @param {object} report
+ */
+export function reportHeadline(f, report) {
+  const fam = report && typeof report === "object" && /** @type {any} */ (report).family;
+  const bits = [];
+  if (fam) bits.push(String(fam));
+  bits.push(`${f.matchedTotal} matched`);
+  bits.push(`${f.unmatched.length} unmatched`);
+  if (f.warnings.length) bits.push(`${f.warnings.length} warning${f.warnings.length > 1 ? "s" : ""}`);
+  return bits.join(" \u00b7 ");
+}

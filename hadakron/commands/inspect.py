@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import Counter
 from typing import Mapping
 
 import torch
 
+from hadakron.arch import detect_family
 from hadakron.io import AdapterFile, read_adapter
 from hadakron.io.module_checks import algorithm_guess
+from hadakron.ops import module_rank
 
 PARTS = ("unet", "te1", "te2", "te")
 
@@ -41,80 +42,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def detect_layout(keys: list[str], module_keys: list[str]) -> dict:
-    """{family, layout, parts: {part: count}, unmatched: [module_key], reasons: [str]}.
-
-    Uses `hadakron.arch` (detect_family + parse_module_key) when importable; otherwise a prefix-only
-    guess (`_guess_layout`) so inspect still works without it.
-    """
-    try:
-        from hadakron.arch import detect_family, parse_module_key  # type: ignore[attr-defined]
-    except ImportError:
-        return _guess_layout(module_keys)
+    """{family, layout, parts: {part: count}, unmatched: [module_key], reasons: [str]} from `hadakron.arch`."""
     result = detect_family(keys)
-    family = getattr(result, "family", None)
-    parts: Counter[str] = Counter()
-    unmatched: list[str] = []
-    for mk in module_keys:
-        parsed = parse_module_key(mk, family)
-        if parsed is None:
-            unmatched.append(mk)
-        else:
-            parts[parsed[1]] += 1
-    return {"family": family, "layout": getattr(result, "layout", None), "parts": dict(parts),
-            "unmatched": unmatched, "reasons": [str(r) for r in (getattr(result, "reasons", None) or [])]}
-
-
-_PREFIX_LAYOUTS = (  # (regex on the module key, layout, part)
-    (r"^lora_unet_", "kohya", "unet"), (r"^lora_te1_", "kohya", "te1"), (r"^lora_te2_", "kohya", "te2"),
-    (r"^lora_te_", "kohya", "te"), (r"^lycoris_", "lycoris", "unet"),
-    (r"^diffusion_model\.", "comfyui", "unet"), (r"^text_encoders\.", "comfyui", "te"),
-    (r"^base_model\.model\.", "peft", "unet"), (r"^(unet|transformer)\.", "diffusers", "unet"),
-    (r"^text_encoder\.", "diffusers", "te1"), (r"^text_encoder_2\.", "diffusers", "te2"),
-)
-_SDXL_HINTS = re.compile(r"input_blocks|middle_block|output_blocks|down_blocks|up_blocks|mid_block|^lora_te[12]_")
-_ANIMA_HINTS = re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn|mlp)|llm_adapter|^lora_te_layers_")
-
-
-def _guess_layout(module_keys: list[str]) -> dict:
-    """Prefix-only stand-in for `hadakron.arch.detect_family` (used only when arch is missing)."""
-    layouts: Counter[str] = Counter()
-    parts: Counter[str] = Counter()
-    unmatched = []
-    for mk in module_keys:
-        for pattern, layout, part in _PREFIX_LAYOUTS:
-            if re.search(pattern, mk):
-                layouts[layout] += 1
-                parts[part] += 1
-                break
-        else:
-            unmatched.append(mk)
-    sdxl = sum(bool(_SDXL_HINTS.search(mk)) for mk in module_keys)
-    anima = sum(bool(_ANIMA_HINTS.search(mk)) for mk in module_keys)
-    family = "sdxl" if sdxl > anima else "anima" if anima > sdxl else None
-    return {"family": family, "layout": layouts.most_common(1)[0][0] if layouts else None, "parts": dict(parts),
-            "unmatched": unmatched,
-            "reasons": [f"prefix guess (hadakron.arch not available): {sdxl} SDXL-like, {anima} Anima-like names"]}
+    parts: Counter[str] = Counter(part for part, _ in result.modules.values())
+    unmatched = [mk for mk in module_keys if mk not in result.modules]
+    return {"family": result.family, "layout": result.layout, "parts": dict(parts),
+            "unmatched": unmatched, "reasons": [str(r) for r in result.reasons]}
 
 
 # ------------------------------------------------------------------ per-module facts
 
 
 def _module_rank(algo: str | None, params: Mapping[str, torch.Tensor]) -> int | None:
-    """The rank the scale divides by (LoHa w1_b rows; LoKr w2 then w1 decomposition; LoRA down rows)."""
+    """The rank the scale divides by (`hadakron.ops.module_rank`); None for full LoKr or broken modules."""
+    if algo not in ("loha", "lokr", "lora"):
+        return None
     try:
-        from hadakron.ops import module_rank  # type: ignore[attr-defined]
-    except ImportError:
-        module_rank = None
-    if module_rank is not None and algo in ("loha", "lokr", "lora"):
-        try:
-            return module_rank(dict(params))
-        except (KeyError, ValueError, IndexError, AttributeError):
-            return None  # already reported as a module problem
-    first = {"loha": ("hada_w1_b",), "lokr": ("lokr_w2_b", "lokr_w1_b"), "lora": ("lora_down.weight", "lora_A.weight")}
-    for name in first.get(algo or "", ()):
-        if name in params and params[name].dim() >= 1:
-            return int(params[name].shape[0])
-    return None
+        return module_rank(dict(params))
+    except (KeyError, ValueError, IndexError):
+        return None  # already reported as a module problem
 
 
 def _lokr_w1_shape(params: Mapping[str, torch.Tensor]) -> str | None:

@@ -9,6 +9,9 @@ from typing import Mapping
 
 import torch
 
+from hadakron.arch import split_key as arch_split_key
+from hadakron.ops import module_factors
+
 # The file-level parameter names we know, per algorithm (LyCORIS / kohya names, plus PEFT's LoRA names).
 KNOWN_PARAMS: dict[str, frozenset[str]] = {
     "loha": frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}),
@@ -17,16 +20,14 @@ KNOWN_PARAMS: dict[str, frozenset[str]] = {
     # LyCORIS algorithms that are not LoHa/LoKr/LoRA: recognised so they are named, not applied.
     "full": frozenset({"diff", "diff_b"}),
     "norm": frozenset({"w_norm", "b_norm"}),
+    "other": frozenset({"set_weight", "on_input"}),
 }
-COMMON_PARAMS = frozenset({"alpha", "dora_scale"})
+COMMON_PARAMS = frozenset({"alpha", "dora_scale", "scalar"})
 _ALL_SUFFIXES = sorted(set().union(*KNOWN_PARAMS.values(), COMMON_PARAMS), key=len, reverse=True)
 
 
 def split_key_by_suffix(key: str) -> tuple[str, str]:
-    """`module_key.param` -> (module_key, param), matching known parameter names first, else the last dot.
-
-    Used until/unless `hadakron.arch.split_key` is importable.
-    """
+    """`module_key.param` -> (module_key, param), matching known parameter names first, else the last dot."""
     for suffix in _ALL_SUFFIXES:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
@@ -34,21 +35,20 @@ def split_key_by_suffix(key: str) -> tuple[str, str]:
     return (module, param) if dot else (key, "")
 
 
-def _split_key():
-    """The layout-aware key splitter from hadakron.arch when it exists, else ours."""
+def split_key(key: str) -> tuple[str, str]:
+    """(module_key, param) of a file key: `hadakron.arch.split_key` (canonical param names) when it knows
+    the parameter name, else by known suffix / last dot so the unknown name can be reported."""
     try:
-        from hadakron.arch import split_key  # type: ignore[attr-defined]
-    except ImportError:
-        return split_key_by_suffix
-    return split_key
+        return arch_split_key(key)
+    except ValueError:
+        return split_key_by_suffix(key)
 
 
 def group_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Group tensors by module key: {module_key: {param: tensor}}, in file key order."""
-    split = _split_key()
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        module, param = split(key)
+        module, param = split_key(key)
         modules.setdefault(module, {})[param] = t
     return modules
 
@@ -94,7 +94,8 @@ def module_problems(module: str, params: Mapping[str, torch.Tensor]) -> list[str
     algo = algos.pop()
     shape_check = {"loha": _loha_problems, "lokr": _lokr_problems, "lora": _lora_problems}.get(algo)
     if shape_check is not None:
-        problems += [f"{module}: {p}" for p in shape_check(known)]
+        shape_problems = shape_check(known) or _ops_problems(known)
+        problems += [f"{module}: {p}" for p in shape_problems]
         if "alpha" not in params:
             problems.append(f"{module}.alpha: missing (loaders then use scale 1.0)")
         elif params["alpha"].numel() != 1:
@@ -102,6 +103,15 @@ def module_problems(module: str, params: Mapping[str, torch.Tensor]) -> list[str
     else:
         problems.append(f"{module}: algorithm '{algo}' is not LoHa, LoKr or LoRA; hadakron does not apply it")
     return problems
+
+
+def _ops_problems(params: Mapping[str, torch.Tensor]) -> list[str]:
+    """What `hadakron.ops` finds when it builds the module's factors (shape checks only, no delta-W)."""
+    try:
+        module_factors(dict(params))
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 def _missing(params: Mapping[str, torch.Tensor], names: list[str]) -> list[str]:
@@ -171,14 +181,9 @@ def _lokr_factor(p: Mapping[str, torch.Tensor], i: int) -> tuple[list[str], tupl
 
 
 def _lokr_problems(p: Mapping[str, torch.Tensor]) -> list[str]:
-    p1, s1 = _lokr_factor(p, 1)
-    p2, s2 = _lokr_factor(p, 2)
-    problems = p1 + p2
-    if not problems and s1 is not None and len(s1) != 2:
-        problems.append(f"W1 expected 2-D, found shape {list(s1)}")
-    if not problems and s2 is not None and len(s2) not in (2, 4):
-        problems.append(f"W2 expected 2-D or 4-D, found shape {list(s2)}")
-    return problems
+    p1, _ = _lokr_factor(p, 1)
+    p2, _ = _lokr_factor(p, 2)
+    return p1 + p2  # factor dimensions are checked by hadakron.ops (see _ops_problems)
 
 
 def _lora_problems(p: Mapping[str, torch.Tensor]) -> list[str]:

@@ -2,7 +2,7 @@
 // Tolerant of shape: matched may be {part: {block: n}}, {part: n}, [{part, block, count}] or a number;
 // unmatched may be [{key, reason, expected, found}], [string] or {key: reason}.
 
-/** Metadata keys shown first, in this order, with a short label. */
+/** Training metadata keys shown first, in this order, with a short label (others follow, sorted). */
 const METADATA_KEYS = [
   ["ss_network_module", "network"],
   ["ss_network_dim", "dim"],
@@ -13,22 +13,26 @@ const METADATA_KEYS = [
   ["modelspec.architecture", "architecture"],
   ["modelspec.title", "title"],
   ["ss_steps", "steps"],
+  ["ss_max_train_steps", "max steps"],
   ["ss_num_train_images", "images"],
+  ["ss_learning_rate", "lr"],
   ["ss_training_comment", "comment"],
 ];
 
-/** Top-level scalar fields shown in the summary, with a label. */
+/** Top-level fields of the report shown in the summary, with a label (hadakron/load_report.py to_dict). */
 const SUMMARY_KEYS = [
+  ["source", "file"],
   ["family", "family"],
-  ["file", "file"],
-  ["layout", "layout"],
+  ["file_family", "file looks like"],
+  ["layouts", "key layout"],
+  ["loaded_parts", "parts"],
+  ["by_algorithm", "algorithms"],
   ["algorithm", "algorithm"],
-  ["algorithms", "algorithms"],
-  ["strength_model", "strength (model)"],
-  ["strength_clip", "strength (clip)"],
+  ["strengths", "strength"],
   ["block_weights", "block weights"],
-  ["patches", "patches"],
 ];
+
+const ALGORITHM_NAMES = { loha: "LoHa", lokr: "LoKr", lora: "LoRA" };
 
 /**
  * Compares strings with embedded numbers numerically ("input_blocks.10" after "input_blocks.9").
@@ -61,7 +65,12 @@ export function truncate(text, max = 120) {
 function valueText(v) {
   if (v === null || v === undefined) return "";
   if (Array.isArray(v) && v.every((x) => Number.isInteger(x))) return `(${v.join(", ")})`;
-  if (typeof v === "object") return JSON.stringify(v);
+  if (Array.isArray(v) && v.every((x) => typeof x === "string")) return v.join(", ");
+  if (typeof v === "object") {
+    const entries = Object.entries(v);
+    if (entries.every(([, x]) => x === null || typeof x !== "object")) return entries.map(([k, x]) => `${k} ${x}`).join(", ");
+    return JSON.stringify(v);
+  }
   return String(v);
 }
 
@@ -95,23 +104,26 @@ export function matchedByPart(matched) {
 /**
  * The unmatched entries as {key, reason} with expected/found shapes folded into the reason.
  * @param {unknown} unmatched
- * @returns {{key: string, reason: string}[]}
+ * @returns {{key: string, reason: string, kind: string}[]}
  */
 export function unmatchedEntries(unmatched) {
   const out = [];
   const reasonOf = (e) => {
-    let r = valueText(e.reason ?? e.message ?? "unmatched");
-    if (e.expected !== undefined || e.found !== undefined) r += ` (expected ${valueText(e.expected)}, found ${valueText(e.found)})`;
+    let r = valueText(e.reason ?? e.message ?? e.kind ?? "unmatched");
+    const mentions = (shape) => Array.isArray(shape) && r.includes(shape.join(", "));
+    if ((e.expected !== undefined || e.found !== undefined) && !(mentions(e.expected) && mentions(e.found))) {
+      r += ` (expected ${valueText(e.expected)}, found ${valueText(e.found)})`;
+    }
     return r;
   };
   if (Array.isArray(unmatched)) {
     for (const e of unmatched) {
-      if (typeof e === "string") out.push({ key: e, reason: "" });
-      else if (e && typeof e === "object") out.push({ key: String(e.key ?? e.module ?? "?"), reason: reasonOf(e) });
+      if (typeof e === "string") out.push({ key: e, reason: "", kind: "" });
+      else if (e && typeof e === "object") out.push({ key: String(e.key ?? e.module ?? "?"), reason: reasonOf(e), kind: e.kind ? String(e.kind) : "" });
     }
   } else if (unmatched && typeof unmatched === "object") {
     for (const [key, v] of Object.entries(unmatched)) {
-      out.push({ key, reason: v && typeof v === "object" ? reasonOf(v) : valueText(v) });
+      out.push({ key, reason: v && typeof v === "object" ? reasonOf(v) : valueText(v), kind: v && typeof v === "object" && v.kind ? String(v.kind) : "" });
     }
   }
   return out;
@@ -119,11 +131,11 @@ export function unmatchedEntries(unmatched) {
 
 /**
  * The report as sections of lines for display.
- * @param {object} report the hadakron_report dict
+ * @param {object} report the hadakron_report dict (hadakron/load_report.py LoadReport.to_dict)
  * @param {{collapseAfter?: number, maxValue?: number}} [opts] unmatched lists longer than collapseAfter are
  *   marked collapsed; metadata values are cut to maxValue characters
- * @returns {{summary: string[], matched: string[], matchedTotal: number, unmatched: string[],
- *   unmatchedCollapsed: boolean, metadata: string[], warnings: string[]}}
+ * @returns {{headline: string, summary: string[], matched: string[], matchedTotal: number, unmatched: string[],
+ *   unmatchedKinds: string, unmatchedCollapsed: boolean, metadata: string[], warnings: string[]}}
  */
 export function formatReport(report, opts = {}) {
   const { collapseAfter = 8, maxValue = 120 } = opts;
@@ -131,12 +143,18 @@ export function formatReport(report, opts = {}) {
 
   const summary = [];
   for (const [key, label] of SUMMARY_KEYS) {
-    const v = r[key];
+    let v = r[key];
     if (v === undefined || v === null || v === "") continue;
-    summary.push(`${label}: ${truncate(valueText(Array.isArray(v) ? v.join(", ") : v), maxValue)}`);
+    if (key === "file_family" && v === r.family) continue;
+    if (key === "by_algorithm" && typeof v === "object") {
+      v = Object.fromEntries(Object.entries(v).map(([k, n]) => [ALGORITHM_NAMES[k] ?? k, n]));
+    }
+    const text = valueText(v);
+    if (text === "" || text === "{}") continue;
+    summary.push(`${label}: ${truncate(text, maxValue)}`);
   }
 
-  const parts = matchedByPart(r.matched);
+  const parts = matchedByPart(r.by_block ?? r.matched);
   const matched = [];
   let matchedTotal = 0;
   for (const part of [...parts.keys()].sort(naturalCompare)) {
@@ -147,12 +165,16 @@ export function formatReport(report, opts = {}) {
     const named = [...blocks.keys()].filter((b) => b !== "").sort(naturalCompare);
     for (const b of named) matched.push(`  ${b}: ${blocks.get(b)}`);
   }
+  if (Number.isFinite(r.matched_count)) matchedTotal = r.matched_count;
 
   const entries = unmatchedEntries(r.unmatched);
   const unmatched = entries.map((e) => (e.reason ? `${e.key}: ${e.reason}` : e.key));
+  const kinds = new Map();
+  for (const e of entries) if (e.kind) kinds.set(e.kind, (kinds.get(e.kind) || 0) + 1);
+  const unmatchedKinds = [...kinds.entries()].map(([k, n]) => `${k.replace(/_/g, " ")} ${n}`).join(", ");
 
   const metadata = [];
-  const meta = r.metadata && typeof r.metadata === "object" ? r.metadata : {};
+  const meta = [r.training, r.metadata].find((m) => m && typeof m === "object" && !Array.isArray(m)) ?? {};
   const shown = new Set();
   for (const [key, label] of METADATA_KEYS) {
     if (meta[key] === undefined || meta[key] === null || meta[key] === "") continue;
@@ -167,11 +189,21 @@ export function formatReport(report, opts = {}) {
   if (Array.isArray(w)) for (const x of w) warnings.push(truncate(valueText(x), 300));
   else if (typeof w === "string" && w) warnings.push(w);
 
+  const unmatchedCount = Number.isFinite(r.unmatched_count) ? r.unmatched_count : unmatched.length;
+  const bits = [];
+  if (r.family) bits.push(String(r.family).toUpperCase());
+  const total = Number.isFinite(r.total_modules) ? r.total_modules : matchedTotal + unmatchedCount;
+  bits.push(`${matchedTotal}/${total} applied`);
+  if (unmatchedCount) bits.push(`${unmatchedCount} not applied`);
+  if (warnings.length) bits.push(`${warnings.length} warning${warnings.length > 1 ? "s" : ""}`);
+
   return {
+    headline: bits.join(" \u00b7 "),
     summary,
     matched,
     matchedTotal,
     unmatched,
+    unmatchedKinds,
     unmatchedCollapsed: unmatched.length > collapseAfter,
     metadata,
     warnings,
@@ -179,16 +211,17 @@ export function formatReport(report, opts = {}) {
 }
 
 /**
- * One-line headline for the node: "sdxl · 794 matched · 3 unmatched".
+ * The whole report as plain text (for copying and for the test), sections separated by headings.
  * @param {ReturnType<typeof formatReport>} f
- * @param {object} report
  */
-export function reportHeadline(f, report) {
-  const fam = report && typeof report === "object" && /** @type {any} */ (report).family;
-  const bits = [];
-  if (fam) bits.push(String(fam));
-  bits.push(`${f.matchedTotal} matched`);
-  bits.push(`${f.unmatched.length} unmatched`);
-  if (f.warnings.length) bits.push(`${f.warnings.length} warning${f.warnings.length > 1 ? "s" : ""}`);
-  return bits.join(" \u00b7 ");
+export function reportText(f) {
+  const out = [f.headline, ...f.summary];
+  if (f.matched.length) out.push("applied per part / block:", ...f.matched.map((l) => "  " + l));
+  if (f.unmatched.length) {
+    out.push(`not applied (${f.unmatched.length}${f.unmatchedKinds ? ": " + f.unmatchedKinds : ""}):`);
+    out.push(...f.unmatched.map((l) => "  " + l));
+  }
+  if (f.metadata.length) out.push("training metadata:", ...f.metadata.map((l) => "  " + l));
+  if (f.warnings.length) out.push("file warnings:", ...f.warnings.map((l) => "  " + l));
+  return out.join("\n");
 }

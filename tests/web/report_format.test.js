@@ -1,0 +1,143 @@
+// Unit tests for web/lib/report_format.js.
+import test from "node:test";
+import assert from "node:assert/strict";
+
+import { formatReport, matchedByPart, naturalCompare, reportText, truncate, unmatchedEntries } from "../../web/lib/report_format.js";
+
+// Shape of hadakron/load_report.py LoadReport.to_dict() (produced by the real function for a small case).
+const REPORT = {
+  source: "x.safetensors",
+  family: "sdxl",
+  file_family: null,
+  layouts: ["kohya"],
+  loaded_parts: ["unet", "te1"],
+  total_modules: 16,
+  matched_count: 13,
+  unmatched_count: 3,
+  by_part: { unet: 12, te1: 1 },
+  by_block: { unet: { IN04: 2, IN10: 1, IN07: 3, M00: 1, OUT02: 5 }, te1: { TE: 1 } },
+  by_algorithm: { lokr: 12, loha: 1 },
+  matched: [{ key: "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", part: "unet", block: "IN04" }],
+  unmatched: [
+    { key: "lora_unet_bogus_layer", kind: "unknown_module", reason: "not a SDXL layer name in any known key layout" },
+    {
+      key: "lora_unet_output_blocks_0_1_proj_in",
+      kind: "shape_mismatch",
+      reason: "delta-W is [8, 8] but unet 'output_blocks.0.1.proj_in' weight is [1280, 1280]",
+      expected: [1280, 1280],
+      found: [8, 8],
+    },
+    { key: "lora_te2_text_model_encoder_layers_0_mlp_fc1", kind: "part_not_loaded", reason: "te2 not loaded" },
+  ],
+  problems: ["alpha of lora_unet_x is NaN"],
+  training: { ss_network_dim: "8", ss_network_args: { algo: "lokr", factor: 8 }, ss_base_model_version: "sdxl_base_v1-0", zzz_custom: "1" },
+  strengths: { model: 1.0, clip: 0.5 },
+  block_weights: "",
+};
+
+test("naturalCompare orders embedded numbers numerically", () => {
+  const xs = ["IN10", "IN04", "OUT02", "M00", "IN7", "blocks.10", "blocks.9", "blocks.1"];
+  assert.deepEqual(xs.slice().sort(naturalCompare), ["IN04", "IN7", "IN10", "M00", "OUT02", "blocks.1", "blocks.9", "blocks.10"]);
+  assert.equal(naturalCompare("a", "a"), 0);
+});
+
+test("truncate cuts long text with an ellipsis", () => {
+  assert.equal(truncate("abcdef", 4), "abc\u2026");
+  assert.equal(truncate("abc", 4), "abc");
+});
+
+test("matchedByPart accepts nested counts, flat counts, entry lists and a bare number", () => {
+  const nested = matchedByPart({ unet: { IN01: 2, OUT00: 3 }, te: 4 });
+  assert.equal(nested.get("unet").get("IN01"), 2);
+  assert.equal(nested.get("unet").get("OUT00"), 3);
+  assert.equal(nested.get("te").get(""), 4);
+  const list = matchedByPart([
+    { part: "unet", block: "IN01" },
+    { part: "unet", block: "IN01" },
+    { part: "te", block: "TE", count: 5 },
+  ]);
+  assert.equal(list.get("unet").get("IN01"), 2);
+  assert.equal(list.get("te").get("TE"), 5);
+  assert.equal(matchedByPart(7).get("all").get(""), 7);
+  assert.equal(matchedByPart(null).size, 0);
+});
+
+test("unmatchedEntries folds shapes into the reason only when the words lack them", () => {
+  const e = unmatchedEntries([
+    { key: "a", reason: "shape", expected: [4, 2], found: [2, 4] },
+    { key: "b", reason: "delta-W is [8, 8] but weight is [1280, 1280]", expected: [1280, 1280], found: [8, 8] },
+    "c",
+  ]);
+  assert.deepEqual(e[0], { key: "a", reason: "shape (expected (4, 2), found (2, 4))", kind: "" });
+  assert.equal(e[1].reason, "delta-W is [8, 8] but weight is [1280, 1280]");
+  assert.deepEqual(e[2], { key: "c", reason: "", kind: "" });
+  assert.deepEqual(unmatchedEntries({ k: "why" }), [{ key: "k", reason: "why", kind: "" }]);
+});
+
+test("formatReport: headline, summary, per part/block counts in natural order", () => {
+  const f = formatReport(REPORT);
+  assert.equal(f.headline, "SDXL \u00b7 13/16 applied \u00b7 3 not applied \u00b7 1 warning");
+  assert.deepEqual(f.summary, [
+    "file: x.safetensors",
+    "family: sdxl",
+    "key layout: kohya",
+    "parts: unet, te1",
+    "algorithms: LoKr 12, LoHa 1",
+    "strength: model 1, clip 0.5",
+  ]);
+  assert.deepEqual(f.matched, [
+    "te1: 1",
+    "  TE: 1",
+    "unet: 12",
+    "  IN04: 2",
+    "  IN07: 3",
+    "  IN10: 1",
+    "  M00: 1",
+    "  OUT02: 5",
+  ]);
+  assert.equal(f.matchedTotal, 13);
+});
+
+test("formatReport: unmatched lines with reasons and kinds, metadata known keys first", () => {
+  const f = formatReport(REPORT);
+  assert.deepEqual(f.unmatched, [
+    "lora_unet_bogus_layer: not a SDXL layer name in any known key layout",
+    "lora_unet_output_blocks_0_1_proj_in: delta-W is [8, 8] but unet 'output_blocks.0.1.proj_in' weight is [1280, 1280]",
+    "lora_te2_text_model_encoder_layers_0_mlp_fc1: te2 not loaded",
+  ]);
+  assert.equal(f.unmatchedKinds, "unknown module 1, shape mismatch 1, part not loaded 1");
+  assert.equal(f.unmatchedCollapsed, false);
+  assert.deepEqual(f.metadata, ["dim: 8", "network args: algo lokr, factor 8", "base model: sdxl_base_v1-0", "zzz_custom: 1"]);
+  assert.deepEqual(f.warnings, ["alpha of lora_unet_x is NaN"]);
+});
+
+test("formatReport collapses long unmatched lists and cuts long values", () => {
+  const many = Array.from({ length: 30 }, (_, i) => ({ key: `k${i}`, kind: "unknown_module", reason: "unknown" }));
+  const f = formatReport({ family: "anima", unmatched: many, training: { ss_training_comment: "x".repeat(500) } }, { collapseAfter: 10, maxValue: 50 });
+  assert.equal(f.unmatched.length, 30);
+  assert.equal(f.unmatchedCollapsed, true);
+  assert.equal(f.unmatchedKinds, "unknown module 30");
+  assert.equal(f.metadata[0].length, "comment: ".length + 50);
+  assert.equal(f.headline, "ANIMA \u00b7 0/30 applied \u00b7 30 not applied");
+});
+
+test("formatReport survives an empty or odd report", () => {
+  const f = formatReport(null);
+  assert.equal(f.headline, "0/0 applied");
+  assert.deepEqual([f.summary, f.matched, f.unmatched, f.metadata, f.warnings], [[], [], [], [], []]);
+  const g = formatReport({ matched: 5, unmatched: "nope", metadata: { ss_network_dim: 4 } });
+  assert.equal(g.matchedTotal, 5);
+  assert.deepEqual(g.metadata, ["dim: 4"]);
+});
+
+test("reportText lists every section", () => {
+  const text = reportText(formatReport(REPORT));
+  const lines = text.split("\n");
+  assert.equal(lines[0], "SDXL \u00b7 13/16 applied \u00b7 3 not applied \u00b7 1 warning");
+  assert.ok(lines.includes("applied per part / block:"));
+  assert.ok(lines.includes("    IN10: 1"));
+  assert.ok(lines.includes("not applied (3: unknown module 1, shape mismatch 1, part not loaded 1):"));
+  assert.ok(lines.includes("training metadata:"));
+  assert.ok(lines.includes("file warnings:"));
+  assert.equal(lines[lines.length - 1], "  alpha of lora_unet_x is NaN");
+});

@@ -1,0 +1,176 @@
+"""Rewrite a safetensors checkpoint tensor by tensor, replacing some tensors, into a new file written atomically.
+
+Peak memory stays near the largest replaced tensor: untouched tensors are copied as raw bytes in chunks,
+replaced ones are read, transformed and written one at a time, and the header is written first because a
+replacement keeps its dtype and shape (so every byte offset is known before any data moves).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Mapping
+
+import torch
+
+from hadakron.io.safetensors_format import DTYPE_FROM_NAME, Header, TensorEntry, fsync_dir, read_header, tensor_bytes
+
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
+"""Untouched tensors move through a buffer of at most this size (not counting the kernel's own copy path)."""
+
+Transform = Callable[[TensorEntry, torch.Tensor], torch.Tensor]
+
+
+class OutputExistsError(FileExistsError):
+    """The output path exists and overwriting was not asked for."""
+
+
+def read_checkpoint_header(path: str | Path) -> Header:
+    """The validated safetensors header of a checkpoint (entries in file order, metadata)."""
+    return read_header(path)
+
+
+def read_entry(f: BinaryIO, header: Header, entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor from an open checkpoint file into its own (writable) CPU memory."""
+    buf = bytearray(entry.end - entry.begin)
+    f.seek(header.data_start + entry.begin)
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        n = f.readinto(view[got:])
+        if not n:
+            raise OSError(f"{getattr(f, 'name', '?')}: file ended inside tensor {entry.name!r}")
+        got += n
+    dtype = DTYPE_FROM_NAME[entry.dtype]
+    if not buf:
+        return torch.empty(entry.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
+
+
+def header_for_entries(entries: tuple[TensorEntry, ...], metadata: Mapping[str, str]) -> bytes:
+    """8-byte length plus the JSON header (space padded to 8) for `entries` kept at their byte offsets."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
+    """Copy `length` bytes from `src` at `offset` to the current end of `dst`, in the kernel when possible."""
+    copy_range = getattr(os, "copy_file_range", None)
+    if copy_range is not None and length > 0:
+        dst.flush()
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        done, out_pos = 0, dst.tell()
+        try:
+            while done < length:
+                n = copy_range(src_fd, dst_fd, min(length - done, 1 << 30), offset + done, out_pos + done)
+                if n == 0:
+                    raise OSError(f"{getattr(src, 'name', '?')}: file ended at byte {offset + done}")
+                done += n
+            dst.seek(out_pos + length)
+            return
+        except OSError as exc:
+            if done or getattr(exc, "errno", None) not in (18, 22, 38, 95, 1):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP, EPERM
+                raise
+            dst.seek(out_pos)
+    src.seek(offset)
+    left = length
+    while left > 0:
+        chunk = src.read(min(left, COPY_CHUNK_BYTES))
+        if not chunk:
+            raise OSError(f"{getattr(src, 'name', '?')}: file ended at byte {offset + length - left}")
+        dst.write(chunk)
+        left -= len(chunk)
+
+
+@contextmanager
+def atomic_output(out_path: str | Path, *, overwrite: bool = False) -> Iterator[BinaryIO]:
+    """Open a temp file beside `out_path`; on success fsync and rename it into place, on any error delete it.
+
+    A process killed mid-write leaves at most a hidden `.NAME.*.partial` file, never a partial `out_path`.
+    """
+    out = Path(out_path)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists; pass overwrite=True (CLI: --force) to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out}: folder {out.parent} does not exist")
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        _default_mode(tmp)
+        _move_into_place(tmp, out, overwrite)
+        fsync_dir(out.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _default_mode(p: Path) -> None:
+    """Give the file the usual 0666 & ~umask permissions (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(p, 0o666 & ~umask)
+    except OSError:
+        pass
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename `tmp` to `out`; without `overwrite` a hard link makes the no-clobber check atomic."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise OutputExistsError(f"{out}: appeared while writing; pass overwrite=True (CLI: --force) to replace it") from None
+    except OSError:  # file systems without hard links
+        if out.exists():
+            raise OutputExistsError(f"{out}: appeared while writing; pass overwrite=True (CLI: --force)") from None
+        os.replace(tmp, out)
+        return
+    tmp.unlink()
+
+
+def rewrite_checkpoint(base_path: str | Path, out_path: str | Path, replace: Mapping[str, Transform],
+                       metadata: Mapping[str, str], *, overwrite: bool = False,
+                       on_tensor: Callable[[TensorEntry], None] | None = None) -> Path:
+    """Copy `base_path` to `out_path` with `replace[name](entry, tensor)` applied to the named tensors.
+
+    Each transform must return a tensor of the entry's dtype and shape. `metadata` replaces the header's
+    metadata. `on_tensor` is called after each tensor (progress). Returns the output path.
+    """
+    base, out = Path(base_path), Path(out_path)
+    if base.resolve() == out.resolve():
+        raise ValueError(f"{out}: output is the input checkpoint; write to another path")
+    header = read_header(base)
+    missing = sorted(set(replace) - {e.name for e in header.entries})
+    if missing:
+        raise KeyError(f"{base}: no tensor named {missing[0]!r} to replace ({len(missing)} missing)")
+    with open(base, "rb") as src, atomic_output(out, overwrite=overwrite) as dst:
+        dst.write(header_for_entries(header.entries, metadata))
+        for entry in header.entries:
+            transform = replace.get(entry.name)
+            if transform is None:
+                _copy_range(src, dst, header.data_start + entry.begin, entry.end - entry.begin)
+            else:
+                new = transform(entry, read_entry(src, header, entry))
+                want = DTYPE_FROM_NAME[entry.dtype]
+                if new.dtype != want or tuple(new.shape) != entry.shape:
+                    raise ValueError(f"{base}: replacement for {entry.name!r} must keep {entry.dtype} {list(entry.shape)}, "
+                                     f"found {new.dtype} {list(new.shape)}")
+                dst.write(tensor_bytes(new.detach().cpu().contiguous()))
+            if on_tensor is not None:
+                on_tensor(entry)
+    return out

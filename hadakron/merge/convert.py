@@ -1,0 +1,63 @@
+"""Convert an adapter: LoHa/LoKr -> LoRA (exact, or truncated SVD at a rank with its error), or to another key layout.
+
+Layout conversion only renames keys (through the family's known layer names in hadakron.arch): tensors
+and metadata are carried over unchanged, so it is lossless; a key naming no known layer is an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hadakron.arch import LAYOUTS, convert_state_dict, detect_family
+from hadakron.io import AdapterFile, write_adapter
+from hadakron.merge.combine import CombineResult, combine
+
+
+def file_layout(adapter: AdapterFile) -> str | None:
+    """The key layout an adapter file is written in (None when not recognised)."""
+    return detect_family(list(adapter.tensors)).layout
+
+
+def to_lora(adapter: AdapterFile, *, rank: int | None = None, layout: str | None = None,
+            dtype: torch.dtype = torch.float32, family: str | None = None) -> CombineResult:
+    """The adapter as a LoRA: exact without `rank`, best rank-`rank` (error reported) with it.
+
+    `layout` defaults to the input file's own layout (kohya when it cannot be told).
+    """
+    if layout is None:
+        layout = file_layout(adapter) or "kohya"
+        if layout not in LAYOUTS:
+            layout = "kohya"
+    result = combine([(adapter, 1.0)], rank=rank, layout=layout, dtype=dtype, family=family,
+                     title=f"{adapter.path.stem} as LoRA")
+    result.metadata["hadakron.converted_from"] = adapter.path.name
+    return result
+
+
+@dataclass
+class LayoutConversion:
+    """An adapter's tensors under new keys, its metadata, and the layouts involved."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    source_layout: str | None
+    layout: str
+
+    def write(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        return write_adapter(path, self.tensors, self.metadata, overwrite=overwrite)
+
+
+def convert_layout(adapter: AdapterFile, layout: str, *, family: str | None = None) -> LayoutConversion:
+    """Rename every key of `adapter` into `layout` (kohya, lycoris, comfyui, peft, diffusers); tensors unchanged."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    detected = detect_family(list(adapter.tensors))
+    try:
+        tensors = convert_state_dict(adapter.tensors, layout, family or detected.family)
+    except ValueError as exc:
+        raise ValueError(f"{adapter.path}: {exc}") from None
+    metadata = dict(adapter.metadata)
+    metadata["hadakron.converted_layout"] = f"{detected.layout or 'unknown'} -> {layout}"
+    return LayoutConversion(tensors=tensors, metadata=metadata, source_layout=detected.layout, layout=layout)

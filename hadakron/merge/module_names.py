@@ -1,0 +1,61 @@
+"""Name an adapter file's modules canonically, (family, part, dotted), so files in any key layout line up."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from hadakron.arch import detect_family, parse_module_key
+from hadakron.ops import algorithm_of
+
+Params = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NamedModule:
+    """One module of an adapter file: its key in the file, canonical name (None if unknown), algorithm, tensors."""
+
+    file_key: str
+    family: str | None
+    part: str | None
+    dotted: str | None
+    layout: str | None
+    algorithm: str | None
+    params: Params
+
+    @property
+    def canonical(self) -> tuple[str, str, str] | None:
+        """(family, part, dotted), or None when hadakron.arch does not know the key."""
+        if self.family is None or self.part is None or self.dotted is None:
+            return None
+        return (self.family, self.part, self.dotted)
+
+    @property
+    def label(self) -> str:
+        """Readable name for reports: `family/part dotted` or the file key."""
+        c = self.canonical
+        return f"{c[0]}/{c[1]} {c[2]}" if c else self.file_key
+
+
+def file_family(keys: list[str], hint: str | None = None) -> str | None:
+    """The family an adapter file's keys belong to (the hint wins when given)."""
+    if hint is not None:
+        return hint
+    try:
+        return detect_family(keys).family
+    except Exception:  # detection gives up on keys of no known family; parsing then tries every family
+        return None
+
+
+def name_modules(modules: Mapping[str, Params], family: str | None = None) -> list[NamedModule]:
+    """Canonical names for each module of a file (grouped tensors), in file order."""
+    fam = file_family([f"{key}.{param}" for key, params in modules.items() for param in params], family)
+    named = []
+    for key, params in modules.items():
+        parsed = parse_module_key(key, fam) if fam is not None else None
+        if parsed is None:
+            parsed = parse_module_key(key)
+        fam_k, part, dotted, layout = parsed if parsed is not None else (None, None, None, None)
+        named.append(NamedModule(key, fam_k, part, dotted, layout, algorithm_of(params), params))
+    return named

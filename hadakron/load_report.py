@@ -84,6 +84,7 @@ class LoadReport:
     loaded_parts: tuple[str, ...]
     strengths: dict[str, float] = field(default_factory=dict)
     block_weights: str = ""
+    patches_added: int = 0
 
     # ------------------------------------------------------------ summaries
     def counts_by_part(self) -> dict[str, int]:
@@ -129,6 +130,7 @@ class LoadReport:
             "training": dict(self.training),
             "strengths": dict(self.strengths),
             "block_weights": self.block_weights,
+            "patches_added": self.patches_added,
         }
 
     def to_json(self) -> str:

@@ -1,0 +1,281 @@
+"""LoHa/LoKr Loader nodes: match a file to the model, add one lazy exact patch per weight, report what happened."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import comfy.model_base
+import folder_paths
+
+from hadakron.block_weights import BlockWeights, BlockWeightsError, block_id, parse_block_weights
+from hadakron.comfy_keys import comfy_weight_key, is_clip_part, layer_shapes
+from hadakron.load_report import LORA_LOADER_HINT, LoadReport, build_load_report
+
+from .comfy_adapter import HadakronWeightPatch
+
+log = logging.getLogger("hadakron")
+
+CATEGORY = "loaders/hadakron"
+ADAPTER_TYPE = "HADAKRON_ADAPTER"
+
+_TOOLTIPS = {
+    "model": "The diffusion model (SDXL or Anima) the LoHa/LoKr is applied to.",
+    "clip": "The text encoder(s) the adapter's text-encoder modules are applied to.",
+    "lora_name": "A LoHa or LoKr .safetensors file from the loras folder (kohya, LyCORIS, ComfyUI, PEFT or "
+                 "diffusers key names). LoRA files belong in ComfyUI's LoraLoader.",
+    "strength_model": "How strongly to apply the adapter to the diffusion model (1 = as trained; may be "
+                      "negative; 0 adds no patches).",
+    "strength_clip": "How strongly to apply the adapter to the text encoder(s) (0 adds no patches).",
+    "block_weights": "Optional per-block strengths, multiplied into the strengths. Empty = 1 everywhere. "
+                     "SDXL: a preset (ALL, NONE, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5), 12 values "
+                     "(BASE,IN04,IN05,IN07,IN08,M00,OUT00..OUT05), 20 values (BASE,IN00..IN08,M00,OUT00..OUT08) "
+                     "or NAME=value entries like 'IN04=0.5, OUT=0, te=0'. Anima: 'blocks.3=0.5, blocks.0-9=0, "
+                     "llm_adapter=0, te=0'.",
+    "adapter": "Optional in-memory adapter from a hadakron trainer node; when connected it is used instead "
+               "of lora_name.",
+}
+
+
+class HadakronLoadError(ValueError):
+    """A file or input the loader cannot apply; the message is meant for the user."""
+
+
+# ---------------------------------------------------------------- model inspection
+
+
+def model_family(model) -> str:
+    """'sdxl' or 'anima' for a ComfyUI MODEL; a clear error for anything else."""
+    base = getattr(model, "model", None)
+    if isinstance(base, comfy.model_base.Anima):
+        return "anima"
+    if isinstance(base, comfy.model_base.SDXL):
+        return "sdxl"
+    name = type(base).__name__ if base is not None else type(model).__name__
+    raise HadakronLoadError(f"the model is {name}; the LoHa/LoKr Loader supports SDXL and Anima models")
+
+
+def _anima_num_blocks(model) -> int:
+    dm = getattr(model.model, "diffusion_model", None)
+    blocks = getattr(dm, "blocks", None)
+    return len(blocks) if blocks is not None else 28
+
+
+def _state_shapes(module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------- file reading (cached like LoraLoader)
+
+_cache: dict[str, tuple[tuple, object]] = {}
+
+
+def read_lora_file(lora_name: str):
+    """Read `lora_name` from the loras folder as a `hadakron.io.AdapterFile` (cached by path, size, mtime)."""
+    from hadakron.io import AdapterFileError, read_adapter
+
+    path = folder_paths.get_full_path("loras", lora_name) if lora_name else None
+    if path is None or not os.path.isfile(path):
+        raise HadakronLoadError(f"adapter file {lora_name!r} was not found in the loras folder "
+                                f"({', '.join(folder_paths.get_folder_paths('loras'))})")
+    st = os.stat(path)
+    stamp = (st.st_size, st.st_mtime_ns)
+    hit = _cache.get(path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    try:
+        adapter = read_adapter(path)
+    except AdapterFileError as exc:
+        raise HadakronLoadError(f"cannot read {lora_name}: {exc}") from None
+    _cache.clear()
+    _cache[path] = (stamp, adapter)
+    return adapter
+
+
+def _modules_of(adapter) -> dict:
+    modules = getattr(adapter, "modules", None)
+    if modules:
+        return modules
+    from hadakron.io.module_checks import group_modules
+    return group_modules(adapter.tensors)
+
+
+def _source_name(adapter, lora_name: str | None) -> str:
+    path = getattr(adapter, "path", None)
+    if path:
+        return Path(path).name
+    return lora_name or "in-memory adapter"
+
+
+# ---------------------------------------------------------------- the core
+
+
+def _check_family(adapter, modules: dict, family: str, report: LoadReport) -> None:
+    """Raise a one-line error for a file that cannot apply at all (LoRA, other family, nothing known)."""
+    if report.matched:
+        return
+    kinds = {u.kind for u in report.unmatched}
+    if not modules:
+        raise HadakronLoadError(f"{report.source} holds no adapter modules")
+    algos = {u.reason for u in report.unmatched if u.kind == "unsupported_algorithm"}
+    if kinds == {"unsupported_algorithm"}:
+        if any("LoRA module" in r for r in algos):
+            raise HadakronLoadError(f"{report.source} is a LoRA file, not LoHa/LoKr: {LORA_LOADER_HINT}")
+        raise HadakronLoadError(f"{report.source}: {sorted(algos)[0]}")
+    if "part_not_loaded" in kinds:
+        return  # e.g. a text-encoder-only file on the model-only loader: reported, not an error
+    from hadakron.arch import detect_family
+    detected = detect_family(adapter.tensors.keys() if getattr(adapter, "tensors", None) else
+                             [f"{m}.{p}" for m, ps in modules.items() for p in ps])
+    report.file_family = detected.family
+    if detected.family is not None and detected.family != family:
+        raise HadakronLoadError(f"{report.source} is a {detected.family.upper()} adapter "
+                                f"({detected.summary()}) but the model is {family.upper()}")
+    first = report.unmatched[0] if report.unmatched else None
+    why = f"{first.key}: {first.reason}" if first else "no modules"
+    raise HadakronLoadError(f"{report.source}: no module matches this {family.upper()} model "
+                            f"({len(report.unmatched)} not applied; first: {why})")
+
+
+def apply_adapter(model, clip, adapter, strength_model: float, strength_clip: float,
+                  block_weights_text: str = "", *, source: str | None = None):
+    """Clone model/clip and add one lazy patch per matched weight; returns (model, clip, report)."""
+    family = model_family(model)
+    try:
+        bw: BlockWeights = parse_block_weights(block_weights_text, family,
+                                               num_blocks=_anima_num_blocks(model) if family == "anima" else 28)
+    except BlockWeightsError as exc:
+        raise HadakronLoadError(str(exc)) from None
+    modules = _modules_of(adapter)
+    shapes = layer_shapes(family, _state_shapes(model.model), clip=False)
+    loaded_parts = ["unet"]
+    if clip is not None:
+        shapes.update(layer_shapes(family, _state_shapes(clip.cond_stage_model), clip=True))
+        loaded_parts += [p for p in ("te1", "te2", "te") if any(k[0] == p for k in shapes)]
+    report = build_load_report(modules, getattr(adapter, "metadata", {}) or {}, family, shapes,
+                               loaded_parts=tuple(loaded_parts), source=source or _source_name(adapter, None),
+                               problems=list(getattr(adapter, "problems", []) or []))
+    _check_family(adapter, modules, family, report)
+    report.strengths = {"model": float(strength_model)} | ({"clip": float(strength_clip)} if clip is not None else {})
+    report.block_weights = bw.text
+
+    model_patches: dict[float, dict] = {}
+    clip_patches: dict[float, dict] = {}
+    for m in report.matched:
+        on_clip = is_clip_part(family, m.part)
+        base = strength_clip if on_clip else strength_model
+        strength = float(base) * bw.strength(block_id(family, m.part, m.dotted))
+        if strength == 0.0:
+            continue
+        patch = HadakronWeightPatch.from_params(m.params, loaded_keys={f"{m.module_key}.{p}" for p in m.params})
+        target = clip_patches if on_clip else model_patches
+        target.setdefault(strength, {})[comfy_weight_key(family, m.part, m.dotted)] = patch
+
+    new_model, new_clip = model, clip
+    applied = 0
+    if model_patches:
+        new_model = model.clone()
+        for strength, patches in model_patches.items():
+            applied += len(new_model.add_patches(patches, strength))
+    if clip_patches and clip is not None:
+        new_clip = clip.clone()
+        for strength, patches in clip_patches.items():
+            applied += len(new_clip.add_patches(patches, strength))
+    report.patches_added = applied
+    if report.problems:
+        log.warning("hadakron: %s: %d file warnings (see the node's report)", report.source, len(report.problems))
+    return new_model, new_clip, report
+
+
+def _ui(report: LoadReport, text: str) -> dict:
+    return {"hadakron_report": [report.to_json()], "text": [text]}
+
+
+def _report_text(report: LoadReport) -> str:
+    return report.to_text() + f"\npatches added: {report.patches_added}"
+
+
+# ---------------------------------------------------------------- nodes
+
+
+class HadakronLoader:
+    """LoHa/LoKr Loader: applies a LoHa or LoKr file exactly to an SDXL or Anima model and its text encoders."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": _TOOLTIPS["model"]}),
+                "clip": ("CLIP", {"tooltip": _TOOLTIPS["clip"]}),
+                "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": _TOOLTIPS["lora_name"]}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                             "tooltip": _TOOLTIPS["strength_model"]}),
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                            "tooltip": _TOOLTIPS["strength_clip"]}),
+            },
+            "optional": {
+                "block_weights": ("STRING", {"default": "", "multiline": False,
+                                             "tooltip": _TOOLTIPS["block_weights"]}),
+                "adapter": (ADAPTER_TYPE, {"tooltip": _TOOLTIPS["adapter"]}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "report")
+    OUTPUT_TOOLTIPS = ("The diffusion model with the adapter patches (applied lazily when ComfyUI loads it).",
+                       "The text encoder(s) with the adapter patches.",
+                       "What was applied: modules per part and block, every key not applied and why, "
+                       "training metadata.")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Applies a LoHa or LoKr adapter (LyCORIS family) exactly to SDXL or Anima: one lazy patch per "
+                   "weight, computed in float32 when ComfyUI loads the model, with a report of what matched.")
+    SEARCH_ALIASES = ["loha", "lokr", "lycoris", "hadakron", "load loha", "load lokr"]
+
+    def load(self, model, clip, lora_name, strength_model, strength_clip, block_weights="", adapter=None):
+        if strength_model == 0 and strength_clip == 0 and adapter is None:
+            text = f"{lora_name}: both strengths are 0; nothing applied"
+            return {"ui": {"hadakron_report": [json.dumps({"source": lora_name, "matched_count": 0,
+                                                           "patches_added": 0, "note": text})],
+                           "text": [text]}, "result": (model, clip, text)}
+        if adapter is None:
+            adapter = read_lora_file(lora_name)
+            source = _source_name(adapter, lora_name)
+        else:
+            source = _source_name(adapter, "in-memory adapter")
+        new_model, new_clip, report = apply_adapter(model, clip, adapter, strength_model, strength_clip,
+                                                    block_weights or "", source=source)
+        text = _report_text(report)
+        return {"ui": _ui(report, text), "result": (new_model, new_clip, text)}
+
+
+class HadakronLoaderModelOnly(HadakronLoader):
+    """LoHa/LoKr Loader (Model Only): the same without text encoders."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        full = HadakronLoader.INPUT_TYPES()
+        req = {k: v for k, v in full["required"].items() if k not in ("clip", "strength_clip")}
+        return {"required": req, "optional": full["optional"]}
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("MODEL", "report")
+    OUTPUT_TOOLTIPS = HadakronLoader.OUTPUT_TOOLTIPS[:1] + HadakronLoader.OUTPUT_TOOLTIPS[2:]
+    FUNCTION = "load_model_only"
+    DESCRIPTION = "Applies a LoHa or LoKr adapter exactly to the diffusion model only (SDXL or Anima)."
+
+    def load_model_only(self, model, lora_name, strength_model, block_weights="", adapter=None):
+        out = self.load(model, None, lora_name, strength_model, 0.0, block_weights, adapter)
+        new_model, _clip, text = out["result"]
+        return {"ui": out["ui"], "result": (new_model, text)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "HadakronLoader": HadakronLoader,
+    "HadakronLoaderModelOnly": HadakronLoaderModelOnly,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "HadakronLoader": "LoHa/LoKr Loader",
+    "HadakronLoaderModelOnly": "LoHa/LoKr Loader (Model Only)",
+}

@@ -185,7 +185,7 @@ def lora_form(
                 up, down = Full(delta_weight(params, dtype=cd).reshape(out, cols)).lora_pair()
                 scale = 1.0
             else:
-                up, down = torch.kron(p1, p2), torch.kron(q1, q2)
+                up, down = kron_into(p1, p2), kron_into(q1, q2)
         up, down = fold_scale([up.contiguous(), down.reshape(down.shape[0], -1).contiguous()], scale)
     if dtype is not None and up.dtype != dtype:
         up, down = up.to(dtype), down.to(dtype)

@@ -535,3 +535,77 @@ def test_dora_scale_applies_weight_norm_with_base_weight_at_call_time():
     torch.testing.assert_close(m(x), F.linear(x, ref(layer.weight.detach(), 0.5)), rtol=1e-10, atol=1e-11)
     out = m.file_state_dict()
     assert torch.equal(out["dora_scale"], params["dora_scale"])
+
+
+# ----------------------------------------------------------------------------- other paths
+def _grads_vs_reference(module: AdapterModule, layer: nn.Module, x: torch.Tensor, ref_delta) -> None:
+    """Forward and all gradients of `module` against `layer_op(x, ref_delta(leaves))` on leaf copies."""
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
+    (y * upstream).sum().backward()
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in module.named_parameters()}
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = layer_op(layer, x2, ref_delta(leaves))
+    torch.testing.assert_close(y, y2, rtol=1e-10, atol=1e-11)
+    (y2 * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-9, atol=1e-10)
+    for n, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, leaves[n].grad, rtol=1e-9, atol=1e-10, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("tokens", [2, 600])  # few tokens: ops' exact rank r1*r2 form; many: HadaWeight rebuild
+@pytest.mark.parametrize("make", [lambda: nn.Linear(12, 20), lambda: nn.Conv2d(4, 6, 3, padding=1)], ids=["lin", "conv"])
+def test_loha_both_bypass_forms_match_reference(tokens, make):
+    layer = make().double()
+    m = LoHa.for_layer(layer, 3, 2.0).double()
+    randomize(m, seed=4)
+    g = torch.Generator().manual_seed(2)
+    if isinstance(layer, nn.Linear):
+        x = torch.randn(tokens, 12, generator=g, dtype=F64)
+    else:
+        side = 2 if tokens == 2 else 20
+        x = torch.randn(1, 4, side, side, generator=g, dtype=F64)
+    out, cols = m.spec.out_dim, m.spec.in_dim * m.spec.kernel_numel
+    n_tok = x.numel() // x.shape[-1] if x.dim() == 2 else x.shape[0] * x.shape[2] * x.shape[3]
+    assert ops.loha_bypass_mode(n_tok, out, cols, 3, 3) == ("lowrank" if tokens == 2 else "rebuild")
+    _grads_vs_reference(m, layer, x, lambda p: _live_ref(m, p))
+
+
+def test_grouped_conv_and_dora_train_with_exact_gradients():
+    conv_g = nn.Conv2d(8, 6, 3, padding=1, groups=2).double()
+    for m in (LoHa.for_layer(conv_g, 2, 1.0).double(), LoKr.for_layer(conv_g, 1, 1.0, factor=2).double()):
+        randomize(m, seed=6)
+        _grads_vs_reference(m, conv_g, input_for(conv_g), lambda p, m=m: _live_ref(m, p))
+
+    layer = nn.Linear(64, 96).double()
+    g = torch.Generator().manual_seed(3)
+    params = {"lokr_w1": torch.randn(8, 8, generator=g, dtype=F64), "lokr_w2_a": torch.randn(12, 2, generator=g, dtype=F64),
+              "lokr_w2_b": torch.randn(2, 8, generator=g, dtype=F64), "alpha": torch.tensor(1.0, dtype=F64),
+              "dora_scale": torch.rand(1, 64, generator=g, dtype=F64) + 0.5}  # column-wise (wd_on_out=False)
+    m = AdapterModule.from_params(params, layer)
+    m.multiplier = 0.7
+    w = layer.weight.detach()
+
+    def dora_delta(p):
+        merged = w + _live_ref(m, p)
+        col_norm = merged.norm(dim=0, keepdim=True)
+        return 0.7 * (params["dora_scale"] * merged / col_norm - w)
+
+    _grads_vs_reference(m, layer, input_for(layer), dora_delta)
+    assert layer.weight.grad is None  # the base weight is read, never trained
+
+
+def test_from_params_with_scalar_resumes_unchanged_and_low_precision_input():
+    layer = nn.Linear(64, 96)
+    src = LoKr.for_layer(layer, 2, 3.0)
+    randomize(src, seed=8)
+    resumed = AdapterModule.from_params(src.file_state_dict(), layer, use_scalar=True, rank_dropout=0.1)
+    assert float(resumed.scalar.detach()) == 1.0 and resumed.rank_dropout == 0.1
+    assert torch.equal(resumed.delta_weight(), src.delta_weight())
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    resumed.eval()
+    y16 = resumed(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    ref = F.linear(x.double(), ref_dw(resumed))
+    torch.testing.assert_close(y16.double(), ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))

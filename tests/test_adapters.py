@@ -204,6 +204,10 @@ def test_loha_init_distribution_follows_lycoris():
     assert abs(m.hada_w1_a.std().item() - 0.1) < 0.02
     assert abs(m.hada_t1.std().item() - 0.1) < 0.02
     lokr = LoKr.for_layer(nn.Linear(64, 96), 2, 1.0)
+    state = lokr.state_dict()
+    state["alpha"] = torch.tensor(3.0)
+    lokr.load_state_dict(state)
+    assert lokr.scale == 1.5  # the cached scale follows a loaded alpha
     assert torch.equal(lokr.lokr_w2_b, torch.zeros_like(lokr.lokr_w2_b))
     bound = 1.0 / 8 ** 0.5  # kaiming_uniform(a=sqrt 5) on (8, 8): bound = 1/sqrt(fan_in)
     top = float(lokr.lokr_w1.detach().abs().max())

@@ -8,8 +8,7 @@ reference.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -78,6 +77,10 @@ class AdapterModule(nn.Module):
         for name in self.factor_names:
             self.register_parameter(name, nn.Parameter(factors[name]))
         self.register_buffer("alpha", alpha)
+        self._scale = 1.0
+        self.refresh_scale()
+        # alpha can change through load_state_dict: keep the cached float in step
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_scale())
         self.use_scalar = bool(use_scalar)
         if self.use_scalar:
             self.scalar = nn.Parameter(torch.tensor(float(scalar_init), dtype=torch.float32, device=alpha.device))
@@ -167,8 +170,12 @@ class AdapterModule(nn.Module):
 
     @property
     def scale(self) -> float:
-        """The scale ComfyUI applies to this module's dW (see `hadakron.ops.module_scale`)."""
-        return float(ops.module_scale({**self.factors(), "alpha": self.alpha}))
+        """The scale ComfyUI applies to this module's dW (see `hadakron.ops.module_scale`), cached as a float."""
+        return self._scale
+
+    def refresh_scale(self) -> None:
+        """Recompute the cached scale from `alpha` (a float, so forward never syncs a GPU to read alpha)."""
+        self._scale = float(ops.module_scale({**self.factors(), "alpha": self.alpha}))
 
     def file_state_dict(self) -> dict[str, Tensor]:
         """The module's tensors under the file's own names, scalar folded in, `alpha` included."""
@@ -179,9 +186,9 @@ class AdapterModule(nn.Module):
             out["dora_scale"] = self.dora_scale.detach().clone()
         return out
 
-    def _ops_params(self, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        params = self.live_params() if params is None else params
-        out = {**params, "alpha": self.alpha}
+    def _ops_params(self) -> dict[str, Tensor]:
+        """`live_params()` plus alpha and dora_scale: the parameter dict `hadakron.ops` reads."""
+        out = {**self.live_params(), "alpha": self.alpha}
         if self.dora_scale is not None:
             out["dora_scale"] = self.dora_scale
         return out
@@ -226,13 +233,15 @@ class AdapterModule(nn.Module):
         """
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return x.new_zeros(self.spec.output_shape(x))
-        params = {n: t.to(x.dtype) for n, t in self.live_params().items()}
         if self.dora_scale is not None:
             y = self._dora_forward(x)
-        elif self.spec.groups != 1:  # ops' bypass products cover groups=1 only
-            y = self.spec.apply_weight(x, self._differentiable_delta(params, self.scale * self.multiplier))
         else:
-            y = self._bypass(self.spec.prepare_input(x), params, self.scale * self.multiplier)
+            params = {n: t.to(x.dtype) for n, t in self.live_params().items()}
+            scale = self.scale * self.multiplier
+            if self.spec.groups != 1:  # ops' bypass products cover groups=1 only
+                y = self.spec.apply_weight(x, self._differentiable_delta(params, scale))
+            else:
+                y = self._bypass(self.spec.prepare_input(x), params, scale)
         if self.training and self.rank_dropout:
             y = self._apply_rank_dropout(y)
         return y
@@ -272,11 +281,3 @@ class AdapterModule(nn.Module):
         return (f"{self.algorithm}, weight {shape}, rank={self.rank}, alpha={float(self.alpha):g}, "
                 f"scalar={self.use_scalar}, rank_dropout={self.rank_dropout}, module_dropout={self.module_dropout}")
 
-
-def _kaiming(t: Tensor) -> Tensor:
-    """LyCORIS' default init for LoKr factors: kaiming_uniform_(a=sqrt(5))."""
-    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
-    return t
-
-
-InitFn = Callable[[Tensor], Tensor]

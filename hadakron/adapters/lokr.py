@@ -12,12 +12,13 @@ to the rank and the scale is 1. Init as LyCORIS: W1 parts, w2_a and t2 kaiming-u
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
 
 from hadakron import ops
-from hadakron.adapters.base import AdapterModule, _kaiming, normalize_alpha
+from hadakron.adapters.base import AdapterModule, normalize_alpha
 from hadakron.adapters.layer import LayerSpec, layer_device
 
 Tensor = torch.Tensor
@@ -31,6 +32,11 @@ def infer_factor(out_dim: int, in_dim: int, out_l: int, in_m: int) -> int | None
         if ops.factorization(out_dim, f)[0] == out_l and ops.factorization(in_dim, f)[0] == in_m:
             return f
     return None
+
+
+def _kaiming(t: Tensor) -> Tensor:
+    """LyCORIS' init for LoKr factors: kaiming_uniform_(a=sqrt(5))."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
 class LoKr(AdapterModule):

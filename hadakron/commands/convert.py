@@ -1,0 +1,74 @@
+"""`hadakron convert IN -o OUT (--layout L | --to-lora [--rank R])`: change an adapter's key layout or make it a LoRA."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hadakron.commands.combine import DTYPES
+from hadakron.commands.merge import check_output, human_size
+
+LAYOUT_CHOICES = ("kohya", "lycoris", "comfyui", "peft", "diffusers")
+
+DESCRIPTION = """Convert an adapter file, one of two ways:
+
+  --layout L   rename every key into another layout (kohya lora_unet_/lora_te1_, lycoris, ComfyUI
+               diffusion_model./text_encoders., PEFT base_model.model., diffusers). Tensors and metadata
+               are carried over unchanged: lossless. Keys naming no known SDXL/Anima layer are an error.
+  --to-lora    rewrite LoHa/LoKr modules as LoRA (lora_up/lora_down/alpha). Exact by default (LoHa rank
+               r1*r2, LoKr rank R1*R2, capped at the layer's full rank); with --rank R a truncated SVD
+               keeps the best rank-R approximation and prints the relative Frobenius error.
+
+Exit codes: 0 done, 1 failed, 2 usage error."""
+
+EPILOG = """examples:
+  hadakron convert simpletuner_lokr.safetensors -o kohya_lokr.safetensors --layout kohya
+  hadakron convert my_loha.safetensors -o my_lora.safetensors --to-lora --rank 64"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `convert` subcommand."""
+    p = subparsers.add_parser("convert", help="change an adapter's key layout (lossless) or turn LoHa/LoKr into LoRA",
+                              description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", type=Path, help="adapter file (.safetensors)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--layout", choices=LAYOUT_CHOICES, help="rename the keys into this layout")
+    what.add_argument("--to-lora", action="store_true", help="rewrite LoHa/LoKr modules as LoRA")
+    p.add_argument("--rank", type=int, help="with --to-lora: cut every layer to this rank (truncated SVD)")
+    p.add_argument("--lora-layout", choices=LAYOUT_CHOICES,
+                   help="with --to-lora: key layout of the output (default: the input's own)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="with --to-lora: tensor dtype (default fp32)")
+    p.add_argument("--family", choices=("sdxl", "anima"), help="read keys as this family (default: detect)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert and write; 0 when the output was written."""
+    import torch
+
+    from hadakron.commands import CommandError
+    from hadakron.io import read_adapter
+    from hadakron.merge import convert_layout, to_lora
+
+    if args.rank is not None and not args.to_lora:
+        raise CommandError("--rank applies only with --to-lora")
+    if args.rank is not None and args.rank < 1:
+        raise CommandError(f"--rank must be at least 1, found {args.rank}")
+    check_output(args.output, args.force, [args.input])
+    adapter = read_adapter(args.input)
+    if args.to_lora:
+        result = to_lora(adapter, rank=args.rank, layout=args.lora_layout, dtype=getattr(torch, DTYPES[args.dtype]),
+                         family=args.family)
+        lines = result.lines()
+    else:
+        result = convert_layout(adapter, args.layout, family=args.family)
+        lines = [f"{len(result.tensors)} tensors renamed: {result.source_layout or 'unknown'} -> {result.layout} layout "
+                 f"(values unchanged)"]
+    result.write(args.output, overwrite=args.force)
+    if not args.quiet:
+        for line in lines:
+            print(line)
+        print(f"wrote {args.output} ({human_size(args.output.stat().st_size)})")
+    return 0

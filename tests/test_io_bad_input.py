@@ -212,3 +212,9 @@ def test_factor_dimensions_checked_by_ops(tmp_path):
     lokr = {"alpha": torch.tensor(1.0), "lokr_w1": torch.ones(2, 2, 3, 3), "lokr_w2": torch.ones(3, 3)}
     (problem,) = _problems(tmp_path, lokr)
     assert problem.startswith(f"{M}: ") and "lokr_w1" in problem and "[2, 2, 3, 3]" in problem.replace("(", "[").replace(")", "]")
+
+
+def test_large_finite_values_are_not_reported(tmp_path):
+    params = _loha()
+    params["hada_w1_a"] = torch.full((4, 2), 3.0e38)  # finite, but their float32 sum overflows
+    assert _problems(tmp_path, params) == []

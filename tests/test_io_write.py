@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from hadakron.io import read_adapter, write_adapter
+from hadakron.io import read_adapter, read_metadata, write_adapter
 from hadakron.io import safetensors_format
 
 MODULE = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
@@ -45,6 +45,7 @@ def test_write_then_read_is_bit_identical(tmp_path):
     assert out == tmp_path / "a.safetensors"
     back = read_adapter(out)
     assert back.metadata == meta
+    assert read_metadata(out) == meta
     assert set(back.tensors) == set(tensors)
     for k, t in tensors.items():
         r = back.tensors[k]

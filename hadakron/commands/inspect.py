@@ -150,8 +150,8 @@ def format_report(r: Mapping) -> str:
         ("family", f"{r['family'] or 'unknown'}   layout {r['layout'] or 'unknown'}"),
         ("modules", f"{r['modules']}   " + _counts(r["parts"])),
         ("algorithms", _counts(r["algorithms"])),
-        ("ranks", _counts(r["ranks"], " x")),
-        ("LoKr w1", _counts(r["factors"], " x")),
+        ("ranks", _counts(r["ranks"], ": ") + "   (rank: modules)"),
+        ("LoKr w1", _counts(r["factors"], ": ") + ("   (shape: modules)" if r["factors"] else "")),
         ("tucker/dora", f"{r['tucker']} / {r['dora']} modules"),
         ("params", f"{r['params']:,} in {r['tensors']} tensors   " + _counts(r["dtypes"])),
     ]

@@ -39,6 +39,11 @@ def read_adapter(path: str | Path, *, device: str | torch.device = "cpu") -> Ada
     return AdapterFile(path=path, tensors=tensors, metadata=header.metadata, modules=modules, problems=problems)
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """Only the metadata of a safetensors file (reads the header, not the tensors); `AdapterFileError` if invalid."""
+    return read_header(path).metadata
+
+
 def _load_tensors(path: Path, entries, device) -> dict[str, torch.Tensor]:
     """Load every tensor named in the (already validated) header, in key order."""
     from safetensors import safe_open

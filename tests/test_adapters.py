@@ -613,3 +613,14 @@ def test_from_params_with_scalar_resumes_unchanged_and_low_precision_input():
     assert y16.dtype == torch.bfloat16
     ref = F.linear(x.double(), ref_dw(resumed))
     torch.testing.assert_close(y16.double(), ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
+
+
+def test_module_pickles_and_reloads_through_torch_save(tmp_path):
+    m = LoKr.for_layer(nn.Conv2d(16, 24, 3), 2, 3.0, factor=2, use_scalar=True)
+    randomize(m, seed=12)
+    torch.save(m, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(back.delta_weight(), m.delta_weight()) and back.scale == m.scale
+    fresh = LoKr.for_layer(nn.Conv2d(16, 24, 3), 2, 3.0, factor=2, use_scalar=True)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.delta_weight(), m.delta_weight())

@@ -37,6 +37,10 @@ def normalize_alpha(alpha: float | Tensor | None, rank: int) -> float:
     return float(alpha)
 
 
+def _refresh_after_load(module: "AdapterModule", incompatible_keys) -> None:
+    module.refresh_scale()
+
+
 class AdapterModule(nn.Module):
     """Base of `LoHa` and `LoKr`: the additive bypass term `multiplier * s * dW x` of one layer.
 
@@ -80,7 +84,7 @@ class AdapterModule(nn.Module):
         self._scale = 1.0
         self.refresh_scale()
         # alpha can change through load_state_dict: keep the cached float in step
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_scale())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.use_scalar = bool(use_scalar)
         if self.use_scalar:
             self.scalar = nn.Parameter(torch.tensor(float(scalar_init), dtype=torch.float32, device=alpha.device))

@@ -624,3 +624,24 @@ def test_module_pickles_and_reloads_through_torch_save(tmp_path):
     fresh = LoKr.for_layer(nn.Conv2d(16, 24, 3), 2, 3.0, factor=2, use_scalar=True)
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(fresh.delta_weight(), m.delta_weight())
+
+
+def test_sd_scripts_layout_lokr_conv1x1_and_loha_flat():
+    """sd-scripts writes conv 1x1 LoKr W2 as 2-D and int64 alpha = dim in full mode; flat LoHa folds the kernel."""
+    g = torch.Generator().manual_seed(4)
+    conv1 = nn.Conv2d(16, 24, 1).double()
+    params = {"lokr_w1": torch.randn(4, 4, generator=g, dtype=F64), "lokr_w2": torch.randn(6, 4, generator=g, dtype=F64),
+              "alpha": torch.tensor(16)}
+    m = AdapterModule.from_state_dict(params, conv1)
+    assert m.scale == 1.0 and m.rank == 16 and m.w2_form == "full" and m.factor == -1
+    x = input_for(conv1)
+    torch.testing.assert_close(m(x), F.conv2d(x, ref_kron(params["lokr_w1"], params["lokr_w2"]).reshape(24, 16, 1, 1)))
+    conv3 = nn.Conv2d(4, 6, 3, stride=2, padding=1).double()
+    loha = {"hada_w1_a": torch.randn(6, 2, generator=g, dtype=F64), "hada_w1_b": torch.randn(2, 36, generator=g, dtype=F64),
+            "hada_w2_a": torch.randn(6, 2, generator=g, dtype=F64), "hada_w2_b": torch.randn(2, 36, generator=g, dtype=F64),
+            "alpha": torch.tensor(1.0)}
+    m = AdapterModule.from_state_dict(loha, conv3)
+    # column index of the flat b factors = c_in * 9 + ky * 3 + kx
+    dw = ((loha["hada_w1_a"] @ loha["hada_w1_b"]) * (loha["hada_w2_a"] @ loha["hada_w2_b"]) * 0.5).reshape(6, 4, 3, 3)
+    x = input_for(conv3)
+    torch.testing.assert_close(m(x), F.conv2d(x, dw, None, 2, 1), rtol=1e-10, atol=1e-11)

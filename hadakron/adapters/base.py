@@ -140,6 +140,11 @@ class AdapterModule(nn.Module):
         )
 
     @classmethod
+    def from_state_dict(cls, params: Mapping[str, Tensor], layer: nn.Module, **options) -> "AdapterModule":
+        """Alias of `from_params` (the name issue 2 uses)."""
+        return cls.from_params(params, layer, **options)
+
+    @classmethod
     def _from_file_params(cls, spec: LayerSpec, factors: dict[str, Tensor], alpha: Tensor | None,
                           **options) -> "AdapterModule":
         raise NotImplementedError

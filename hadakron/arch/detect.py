@@ -180,24 +180,21 @@ def match_part_names(family: str | Family, part: str, names: Iterable[str]) -> t
 def detect_model_family(named_modules: Iterable[tuple[str, object]] | Iterable[str] | nn.Module) -> DetectResult:
     """Family and parts of a live model from its module names (ComfyUI's `diffusion_model.` etc. accepted).
 
-    SDXL CLIP-L and CLIP-G share names; a part counts as found for the part whose names it covers the
-    larger fraction of (12 layers: CLIP-L, 32 layers: CLIP-G).
+    SDXL CLIP-L and CLIP-G share names; when the same names match both, a model with names only CLIP-G
+    has (layers 12..31, text_projection) is CLIP-G, otherwise CLIP-L.
     """
     names = _names(named_modules)
     counts: dict[str, dict[str, int]] = {}
     found_parts: dict[str, dict[str, str]] = {}
-    fractions: dict[str, dict[str, float]] = {}
     for fname, fam in FAMILIES.items():
-        counts[fname], fractions[fname], found_parts[fname] = {}, {}, {}
+        counts[fname], found_parts[fname] = {}, {}
         for part in fam.parts:
             prefix, found = match_part_names(fam, part, names)
             counts[fname][part] = len(found)
-            fractions[fname][part] = len(found) / len(fam.layers[part])
             found_parts[fname][part] = prefix
     # CLIP-L/CLIP-G: keep the one with the larger coverage when both match the same names
-    sd = fractions["sdxl"]
     if counts["sdxl"]["te1"] and counts["sdxl"]["te2"] and found_parts["sdxl"]["te1"] == found_parts["sdxl"]["te2"]:
-        drop = "te2" if sd["te1"] >= sd["te2"] else "te1"
+        drop = "te1" if counts["sdxl"]["te2"] > counts["sdxl"]["te1"] else "te2"
         counts["sdxl"][drop] = 0
     totals = {f: sum(c.values()) for f, c in counts.items()}
     best = max(totals, key=lambda f: totals[f])

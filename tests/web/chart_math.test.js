@@ -3,6 +3,7 @@ import test from "node:test";
 import assert from "node:assert/strict";
 
 import {
+  autoSmoothing,
   downsampleMinMax,
   emaSmooth,
   finiteExtent,
@@ -193,4 +194,12 @@ test("formatValue gives 4 significant digits or exponent form", () => {
   assert.equal(formatValue(NaN), "NaN");
   assert.equal(formatValue(Infinity), "inf");
   assert.equal(formatValue(-Infinity), "-inf");
+});
+
+test("autoSmoothing: window of n/20 steps clamped to [1, 50]", () => {
+  assert.equal(autoSmoothing(10), 0);
+  assert.equal(autoSmoothing(20), 0);
+  assert.ok(Math.abs(autoSmoothing(100) - 0.8) < 1e-15);
+  assert.ok(Math.abs(autoSmoothing(1000) - 0.98) < 1e-15);
+  assert.ok(Math.abs(autoSmoothing(1e6) - 0.98) < 1e-15);
 });

@@ -72,6 +72,9 @@ test("series JSON round trip keeps values and maps NaN to null and back", () => 
   assert.equal(back.lastLoss, 0.25);
   assert.equal(back.total, 3);
   assert.equal(back.count, 3);
+  const rounded = seriesToJSON(buildSeries(h, { smoothing: 0.5 }), { digits: 3 });
+  assert.deepEqual(rounded.smooth.ys, [0.5, 0.333]);
+  assert.equal(rounded.lastLoss, 0.25);
   assert.equal(seriesFromJSON({ version: 99 }), null);
   assert.equal(seriesFromJSON({ version: 1, raw: { xs: [1], ys: [] }, smooth: { xs: [], ys: [] } }), null);
   assert.equal(seriesFromJSON("junk"), null);
@@ -161,4 +164,16 @@ test("statusText shows step, total, last and smoothed loss, lr and done", () => 
   assert.equal(statusText(s, h.lastLr), "step 2 / 100 \u00b7 loss 0.25 \u00b7 avg 0.3333 \u00b7 lr 1.00e-4");
   h.setFinal([0.5, 0.25]);
   assert.equal(statusText(buildSeries(h, { smoothing: 0.5 })), "step 2 / 2 \u00b7 loss 0.25 \u00b7 avg 0.3333 \u00b7 done");
+});
+
+test("buildSeries without a smoothing weight uses autoSmoothing of the planned total", () => {
+  const h = new LossHistory();
+  const losses = [1, 0, 1, 0, 1];
+  losses.forEach((l, i) => h.addEvent(ev(i + 1, l, 100))); // total 100 -> window 5 -> weight 0.8
+  const s = buildSeries(h);
+  const w = 0.8;
+  let num = 0;
+  losses.forEach((x, i) => (num += (1 - w) * Math.pow(w, losses.length - 1 - i) * x));
+  const expected = num / (1 - Math.pow(w, losses.length));
+  assert.ok(Math.abs(s.smooth.ys.at(-1) - expected) < 1e-12, `${s.smooth.ys.at(-1)} vs ${expected}`);
 });

@@ -27,6 +27,16 @@ export function emaSmooth(values, weight = 0.95) {
 }
 
 /**
+ * Default smoothing weight for a run of n steps: an EMA window of about n/20 steps, between 1 and 50
+ * (weight 1 - 1/window), so a 100-step run is not flattened and a 10k-step run is readable.
+ * @param {number} n planned (or seen) number of steps
+ */
+export function autoSmoothing(n) {
+  const window = Math.min(50, Math.max(1, n / 20));
+  return 1 - 1 / window;
+}
+
+/**
  * Minimum and maximum of the finite values, or null when there are none.
  * @param {number[]} values
  * @returns {{min: number, max: number} | null}

@@ -1,7 +1,7 @@
 // What the loss chart draws: raw and EMA-smoothed series, downsampled, plus the run's status.
 // The same object is stored in node.properties so a reloaded workflow shows the last curve.
 
-import { emaSmooth, downsampleMinMax } from "./chart_math.js";
+import { autoSmoothing, emaSmooth, downsampleMinMax } from "./chart_math.js";
 
 export const SERIES_VERSION = 1;
 
@@ -14,11 +14,13 @@ export const SERIES_VERSION = 1;
 /**
  * Builds the drawable series of a history: EMA over the full run, then both curves downsampled.
  * @param {import("./loss_history.js").LossHistory} history
- * @param {{smoothing?: number, maxPoints?: number}} [opts]
+ * @param {{smoothing?: number | null, maxPoints?: number}} [opts] smoothing weight in [0, 1); null or absent:
+ *   autoSmoothing of the planned total (or the steps seen)
  * @returns {LossSeries}
  */
 export function buildSeries(history, opts = {}) {
-  const { smoothing = 0.95, maxPoints = 800 } = opts;
+  const { maxPoints = 800 } = opts;
+  const smoothing = opts.smoothing ?? autoSmoothing(Math.max(history.total, history.length));
   const smooth = emaSmooth(history.losses, smoothing);
   return {
     version: SERIES_VERSION,
@@ -33,11 +35,14 @@ export function buildSeries(history, opts = {}) {
 }
 
 /**
- * Plain JSON form (NaN/Infinity become null) for node.properties.
+ * Plain JSON form (NaN/Infinity become null) for node.properties; losses rounded to `digits` significant digits
+ * to keep saved workflows (and the PNGs that embed them) small.
  * @param {LossSeries} series
+ * @param {{digits?: number}} [opts] default 17 (no rounding)
  */
-export function seriesToJSON(series) {
-  const fin = (v) => (Number.isFinite(v) ? v : null);
+export function seriesToJSON(series, opts = {}) {
+  const { digits = 17 } = opts;
+  const fin = (v) => (Number.isFinite(v) ? Number(v.toPrecision(digits)) : null);
   return {
     version: SERIES_VERSION,
     raw: { xs: series.raw.xs.slice(), ys: series.raw.ys.map(fin) },

@@ -1,0 +1,378 @@
+// hadakron frontend extension: a live loss chart on the LoKr/LoHa trainer nodes and the load report on the
+// loader nodes. Plain ES module loaded by the ComfyUI frontend from /extensions/<pack>/hadakron.js.
+// The logic lives in ./lib (pure, unit-tested with node); this file only wires it to the page.
+
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { LossHistory } from "./lib/loss_history.js";
+import { buildSeries, seriesFromJSON, seriesToJSON } from "./lib/loss_series.js";
+import { drawLossChart, statusText } from "./lib/chart_draw.js";
+import { LOADER_NODES, LOSS_EVENT, TRAINER_NODES, parseLossEvent, parseLossOutput, parseReportOutput } from "./lib/payloads.js";
+import { formatReport, reportText } from "./lib/report_format.js";
+
+const EXTENSION_NAME = "hadakron.ui";
+const CHART_WIDGET = "hadakron_loss_chart";
+const REPORT_WIDGET = "hadakron_report_view";
+/** node.properties key holding the last curve, so a saved workflow shows it again. */
+const SERIES_PROPERTY = "hadakron_loss_curve";
+const SMOOTHING_PROPERTY = "hadakron_loss_smoothing";
+/** "auto" (window of about a twentieth of the run) or a weight in [0, 1); editable in the node's properties. */
+const DEFAULT_SMOOTHING = "auto";
+const PERSIST_POINTS = 400;
+const PERSIST_INTERVAL_MS = 2000;
+
+const STYLE = `
+.hadakron-loss { display: flex; flex-direction: column; width: 100%; height: 100%; box-sizing: border-box;
+  gap: 2px; overflow: hidden; }
+.hadakron-loss canvas { flex: 1 1 auto; min-height: 0; width: 100%; border-radius: 4px; display: block; }
+.hadakron-loss .hadakron-status { flex: 0 0 auto; font: 11px monospace; color: #c8c8c8; white-space: nowrap;
+  overflow: hidden; text-overflow: ellipsis; }
+.hadakron-loss .hadakron-legend { flex: 0 0 auto; font: 10px sans-serif; color: #9a9a9a; }
+.hadakron-loss .hadakron-legend b { font-weight: normal; }
+.hadakron-report { width: 100%; height: 100%; box-sizing: border-box; overflow: auto; font: 11px monospace;
+  color: #d0d0d0; background: rgba(0, 0, 0, 0.25); border-radius: 4px; padding: 4px 6px; }
+.hadakron-report .hadakron-headline { font-weight: bold; margin-bottom: 2px; }
+.hadakron-report .hadakron-warn { color: #ffb86b; }
+.hadakron-report details { margin-top: 2px; }
+.hadakron-report summary { cursor: pointer; color: #9ecbff; }
+.hadakron-report pre { margin: 0; white-space: pre-wrap; word-break: break-all; font: inherit; }
+`;
+
+function injectStyle() {
+  if (document.getElementById("hadakron-style")) return;
+  const el = document.createElement("style");
+  el.id = "hadakron-style";
+  el.textContent = STYLE;
+  document.head.appendChild(el);
+}
+
+function warn(...args) {
+  console.warn("[hadakron]", ...args);
+}
+
+/** The node for a server node id, also inside subgraphs ("5:3" = node 3 of the subgraph in node 5). */
+function findNode(id) {
+  const root = app.rootGraph ?? app.graph;
+  if (!root) return null;
+  const direct = root.getNodeById?.(id) ?? root.getNodeById?.(Number(id));
+  if (direct) return direct;
+  const path = String(id).split(":");
+  let graph = root;
+  let node = null;
+  for (const part of path) {
+    node = graph?.getNodeById?.(part) ?? graph?.getNodeById?.(Number(part));
+    if (!node) return null;
+    graph = node.subgraph;
+  }
+  return node;
+}
+
+function markCanvasDirty() {
+  app.graph?.setDirtyCanvas?.(true, false);
+}
+
+/** Grows the node so its widgets fit, never shrinks what the user made bigger. */
+function fitNode(node, minWidth) {
+  const size = node.computeSize?.();
+  if (!size) return;
+  node.setSize?.([Math.max(node.size[0], minWidth, size[0]), Math.max(node.size[1], size[1])]);
+}
+
+// ------------------------------------------------------------------ trainer: loss chart
+
+/** Per-node chart state, kept on the node object. */
+function chartState(node) {
+  return node.__hadakronChart ?? null;
+}
+
+/** The node's smoothing weight, or null for automatic. */
+function smoothingOf(node) {
+  const p = node.properties?.[SMOOTHING_PROPERTY];
+  const v = typeof p === "string" && p.trim() !== "" ? Number(p) : p;
+  return typeof v === "number" && v >= 0 && v < 1 ? v : null;
+}
+
+function setupTrainer(node) {
+  if (chartState(node)) return;
+  injectStyle();
+  const root = document.createElement("div");
+  root.className = "hadakron-loss";
+  const canvas = document.createElement("canvas");
+  const legend = document.createElement("div");
+  legend.className = "hadakron-legend";
+  legend.innerHTML = '<b style="color:#6ea0ff">\u2014 loss</b> &nbsp; <b style="color:#ffa53c">\u2014 smoothed</b>';
+  const status = document.createElement("div");
+  status.className = "hadakron-status";
+  status.textContent = "waiting for training";
+  root.append(canvas, legend, status);
+
+  const widget = node.addDOMWidget(CHART_WIDGET, "hadakron-loss-chart", root, {
+    serialize: false,
+    getMinHeight: () => 190,
+    getValue: () => "",
+    setValue: () => {},
+  });
+  widget.serialize = false;
+
+  const state = {
+    node,
+    widget,
+    root,
+    canvas,
+    status,
+    history: new LossHistory(),
+    /** Series shown when there is no live history (restored from properties). */
+    restored: null,
+    live: false,
+    lastOutputKey: null,
+    lastPersist: 0,
+    frame: 0,
+    observer: null,
+  };
+  node.__hadakronChart = state;
+  if (node.properties && !(SMOOTHING_PROPERTY in node.properties)) node.properties[SMOOTHING_PROPERTY] = DEFAULT_SMOOTHING;
+
+  if (typeof ResizeObserver !== "undefined") {
+    state.observer = new ResizeObserver(() => scheduleDraw(state));
+    state.observer.observe(root);
+  }
+  const onRemoved = node.onRemoved;
+  node.onRemoved = function () {
+    state.observer?.disconnect();
+    if (state.frame) cancelAnimationFrame(state.frame);
+    return onRemoved?.apply(this, arguments);
+  };
+  fitNode(node, 340);
+  scheduleDraw(state);
+}
+
+function currentSeries(state) {
+  if (state.history.length) return buildSeries(state.history, { smoothing: smoothingOf(state.node) });
+  return state.restored;
+}
+
+/** Draws now; returns whether curves were drawn. */
+function drawChart(state) {
+  const series = currentSeries(state);
+  state.status.textContent = statusText(series, state.history.length ? state.history.lastLr : NaN);
+  const cssW = state.canvas.clientWidth;
+  const cssH = state.canvas.clientHeight;
+  if (cssW < 2 || cssH < 2) return false;
+  const dpr = window.devicePixelRatio || 1;
+  const w = Math.round(cssW * dpr);
+  const h = Math.round(cssH * dpr);
+  if (state.canvas.width !== w) state.canvas.width = w;
+  if (state.canvas.height !== h) state.canvas.height = h;
+  const ctx = state.canvas.getContext("2d");
+  if (!ctx) return false;
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  const drawn = drawLossChart(ctx, cssW, cssH, series);
+  state.root.dataset.points = String(series ? series.count : 0);
+  return drawn;
+}
+
+function scheduleDraw(state) {
+  if (state.frame) return;
+  state.frame = requestAnimationFrame(() => {
+    state.frame = 0;
+    try {
+      drawChart(state);
+    } catch (e) {
+      warn("drawing the loss chart failed", e);
+    }
+  });
+}
+
+/** Stores the curve in node.properties (downsampled) so a saved workflow keeps it. */
+function persistSeries(state, force = false) {
+  const now = Date.now();
+  if (!force && now - state.lastPersist < PERSIST_INTERVAL_MS) return;
+  state.lastPersist = now;
+  if (!state.history.length) return;
+  const series = buildSeries(state.history, { smoothing: smoothingOf(state.node), maxPoints: PERSIST_POINTS });
+  state.node.properties = state.node.properties ?? {};
+  state.node.properties[SERIES_PROPERTY] = seriesToJSON(series, { digits: 5 });
+}
+
+function onLossEvent(event) {
+  const ev = parseLossEvent(event?.detail);
+  if (!ev) {
+    warn("ignoring malformed", LOSS_EVENT, "event", event?.detail);
+    return;
+  }
+  const node = findNode(ev.node);
+  const state = node && chartState(node);
+  if (!state) return;
+  state.history.addEvent(ev);
+  state.live = true;
+  scheduleDraw(state);
+  persistSeries(state);
+}
+
+/** Applies a trainer's ui output (final loss curve). fromExecuted: the executor just ran this node. */
+function applyTrainerOutput(node, output, fromExecuted) {
+  const state = chartState(node);
+  if (!state) return;
+  const raw = output?.hadakron_loss;
+  if (raw === undefined) return;
+  const key = JSON.stringify(raw);
+  if (key === state.lastOutputKey) return;
+  if (!fromExecuted && state.live) return; // a stale stored output must not wipe a run in progress
+  const parsed = parseLossOutput(output);
+  if (!parsed) {
+    warn("ignoring malformed hadakron_loss output of node", node.id);
+    return;
+  }
+  state.lastOutputKey = key;
+  state.history.setFinal(parsed.losses, parsed.firstStep);
+  state.live = false;
+  persistSeries(state, true);
+  scheduleDraw(state);
+}
+
+function restoreTrainer(node) {
+  const state = chartState(node);
+  if (!state) return;
+  const series = seriesFromJSON(node.properties?.[SERIES_PROPERTY]);
+  if (series) {
+    state.restored = series;
+    scheduleDraw(state);
+  }
+}
+
+function endOfRun() {
+  // The run stopped (success, error or interrupt): keep what arrived and store it with the workflow.
+  for (const node of app.graph?._nodes ?? []) {
+    const state = chartState(node);
+    if (state?.live) {
+      state.live = false;
+      persistSeries(state, true);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ loader: report
+
+function setupLoader(node) {
+  if (node.__hadakronReport) return;
+  injectStyle();
+  const root = document.createElement("div");
+  root.className = "hadakron-report";
+  root.textContent = "the load report appears here after a run";
+  const widget = node.addDOMWidget(REPORT_WIDGET, "hadakron-report", root, {
+    serialize: false,
+    getMinHeight: () => 60,
+    getValue: () => "",
+    setValue: () => {},
+  });
+  widget.serialize = false;
+  node.__hadakronReport = { node, widget, root, lastOutputKey: null };
+  fitNode(node, 320);
+}
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function section(title, lines, open) {
+  const d = el("details");
+  d.open = open;
+  d.append(el("summary", "", title), el("pre", "", lines.join("\n")));
+  return d;
+}
+
+function renderReport(root, parsed) {
+  root.replaceChildren();
+  if (!parsed.report) {
+    root.append(el("pre", "", parsed.text ?? ""));
+    root.dataset.text = parsed.text ?? "";
+    return;
+  }
+  const f = formatReport(parsed.report);
+  root.append(el("div", "hadakron-headline", f.headline));
+  if (f.summary.length) root.append(el("pre", "", f.summary.join("\n")));
+  if (f.warnings.length) root.append(el("pre", "hadakron-warn", f.warnings.join("\n")));
+  if (f.matched.length) root.append(section(`applied per part / block (${f.matchedTotal})`, f.matched, true));
+  if (f.unmatched.length) {
+    const title = `not applied (${f.unmatched.length}${f.unmatchedKinds ? ": " + f.unmatchedKinds : ""})`;
+    root.append(section(title, f.unmatched, !f.unmatchedCollapsed));
+  }
+  if (f.metadata.length) root.append(section("training metadata", f.metadata, false));
+  root.dataset.text = reportText(f);
+}
+
+function applyLoaderOutput(node, output) {
+  const state = node.__hadakronReport;
+  if (!state || !output) return;
+  if (output.hadakron_report === undefined && output.text === undefined) return;
+  const key = JSON.stringify([output.hadakron_report, output.text]);
+  if (key === state.lastOutputKey) return;
+  const parsed = parseReportOutput(output);
+  if (!parsed) {
+    warn("ignoring malformed report output of node", node.id);
+    return;
+  }
+  state.lastOutputKey = key;
+  renderReport(state.root, parsed);
+  fitNode(node, 320);
+  markCanvasDirty();
+}
+
+// ------------------------------------------------------------------ registration
+
+function chain(proto, name, after) {
+  const orig = proto[name];
+  proto[name] = function () {
+    const r = orig?.apply(this, arguments);
+    try {
+      after.apply(this, arguments);
+    } catch (e) {
+      warn(`${name} failed`, e);
+    }
+    return r;
+  };
+}
+
+app.registerExtension({
+  name: EXTENSION_NAME,
+
+  async setup() {
+    api.addEventListener(LOSS_EVENT, onLossEvent);
+    for (const type of ["execution_success", "execution_error", "execution_interrupted"]) api.addEventListener(type, endOfRun);
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (TRAINER_NODES.includes(nodeData?.name)) {
+      chain(nodeType.prototype, "onNodeCreated", function () {
+        setupTrainer(this);
+      });
+      chain(nodeType.prototype, "onConfigure", function () {
+        restoreTrainer(this);
+      });
+      chain(nodeType.prototype, "onExecuted", function (output) {
+        applyTrainerOutput(this, output, true);
+      });
+    } else if (LOADER_NODES.includes(nodeData?.name)) {
+      chain(nodeType.prototype, "onNodeCreated", function () {
+        setupLoader(this);
+      });
+      chain(nodeType.prototype, "onExecuted", function (output) {
+        applyLoaderOutput(this, output);
+      });
+    }
+  },
+
+  /** Outputs restored from the queue/history panel arrive here, keyed by node id. */
+  onNodeOutputsUpdated(nodeOutputs) {
+    for (const [id, output] of Object.entries(nodeOutputs ?? {})) {
+      if (!output || (output.hadakron_loss === undefined && output.hadakron_report === undefined)) continue;
+      const node = findNode(id);
+      if (!node) continue;
+      if (chartState(node)) applyTrainerOutput(node, output, false);
+      else if (node.__hadakronReport) applyLoaderOutput(node, output);
+    }
+  },
+});

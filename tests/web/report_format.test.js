@@ -141,3 +141,10 @@ test("reportText lists every section", () => {
   assert.ok(lines.includes("file warnings:"));
   assert.equal(lines[lines.length - 1], "  alpha of lora_unet_x is NaN");
 });
+
+test("formatReport: the loader's zero-strength note becomes the headline", () => {
+  const text = "a.safetensors: both strengths are 0; nothing applied";
+  const f = formatReport({ source: "a.safetensors", matched_count: 0, patches_added: 0, note: text });
+  assert.equal(f.headline, text);
+  assert.deepEqual(f.summary, [`note: ${text}`, "file: a.safetensors", "patches added: 0"]);
+});

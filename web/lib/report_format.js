@@ -21,6 +21,7 @@ const METADATA_KEYS = [
 
 /** Top-level fields of the report shown in the summary, with a label (hadakron/load_report.py to_dict). */
 const SUMMARY_KEYS = [
+  ["note", "note"],
   ["source", "file"],
   ["family", "family"],
   ["file_family", "file looks like"],
@@ -30,6 +31,7 @@ const SUMMARY_KEYS = [
   ["algorithm", "algorithm"],
   ["strengths", "strength"],
   ["block_weights", "block weights"],
+  ["patches_added", "patches added"],
 ];
 
 const ALGORITHM_NAMES = { loha: "LoHa", lokr: "LoKr", lora: "LoRA" };
@@ -197,8 +199,10 @@ export function formatReport(report, opts = {}) {
   if (unmatchedCount) bits.push(`${unmatchedCount} not applied`);
   if (warnings.length) bits.push(`${warnings.length} warning${warnings.length > 1 ? "s" : ""}`);
 
+  // nothing matched or refused (e.g. both strengths 0): the loader's note says why
+  const headline = total === 0 && typeof r.note === "string" && r.note ? r.note : bits.join(" \u00b7 ");
   return {
-    headline: bits.join(" \u00b7 "),
+    headline,
     summary,
     matched,
     matchedTotal,

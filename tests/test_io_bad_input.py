@@ -204,7 +204,7 @@ def test_unknown_names_missing_alpha_and_mixed_algorithms(tmp_path):
     (problem,) = _problems(tmp_path, params)
     assert problem.startswith(f"{M}: mixes parameters of loha and lokr")
     p = tmp_path / "noparam.safetensors"
-    _good(p, {"loose_tensor": torch.ones(2)})
+    _good(p, {"loose_tensor": torch.ones(2), **{f"{M}.{k}": v for k, v in _loha().items()}})
     assert read_adapter(p).problems == ["loose_tensor: key has no '.<parameter>' suffix"]
 
 
@@ -218,3 +218,11 @@ def test_large_finite_values_are_not_reported(tmp_path):
     params = _loha()
     params["hada_w1_a"] = torch.full((4, 2), 3.0e38)  # finite, but their float32 sum overflows
     assert _problems(tmp_path, params) == []
+
+
+def test_checkpoint_is_not_an_adapter(tmp_path):
+    p = tmp_path / "sd_xl_base.safetensors"
+    _good(p, {"model.diffusion_model.input_blocks.0.0.weight": torch.ones(4, 2),
+              "model.diffusion_model.input_blocks.0.0.bias": torch.ones(4)})
+    e = _error(p)
+    assert "not an adapter file" in str(e) and "2 tensors such as 'model.diffusion_model.input_blocks.0.0.bias'" in str(e)

@@ -149,3 +149,15 @@ def test_real_process_bad_file_has_no_traceback(tmp_path):
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("hadakron inspect: error: ") and "not a safetensors file" in done.stderr
+
+
+def test_inspect_flags_modules_that_do_not_fit_the_layer(tmp_path, capsys):
+    tensors = _loha("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 640, 640, 2)
+    tensors |= _loha("lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k", 1280, 768, 2)  # SD1.5-sized k
+    path = tmp_path / "wrong.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    r = _inspect_json(path, capsys)
+    assert r["family"] == "sdxl"
+    (problem,) = r["problems"]
+    assert problem.startswith("lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k: delta-W is 1280x768")
+    assert "1280x2048" in problem

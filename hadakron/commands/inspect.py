@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import Counter
 from typing import Mapping
 
 import torch
 
-from hadakron.arch import detect_family
+from hadakron.arch import detect_family, get_family
 from hadakron.io import AdapterFile, read_adapter
 from hadakron.io.module_checks import algorithm_guess
-from hadakron.ops import module_rank
+from hadakron.ops import module_factors, module_rank
 
 PARTS = ("unet", "te1", "te2", "te")
 
@@ -46,8 +47,34 @@ def detect_layout(keys: list[str], module_keys: list[str]) -> dict:
     result = detect_family(keys)
     parts: Counter[str] = Counter(part for part, _ in result.modules.values())
     unmatched = [mk for mk in module_keys if mk not in result.modules]
-    return {"family": result.family, "layout": result.layout, "parts": dict(parts),
+    return {"family": result.family, "layout": result.layout, "parts": dict(parts), "matched": result.modules,
             "unmatched": unmatched, "reasons": [str(r) for r in result.reasons]}
+
+
+def layer_shape_problems(adapter: AdapterFile, family: str | None, matched: Mapping[str, tuple[str, str]]) -> list[str]:
+    """Modules whose delta-W does not fit the family's layer (an adapter for another model, or a bad file)."""
+    if family is None:
+        return []
+    fam = get_family(family)
+    problems = []
+    for mk, (part, dotted) in matched.items():
+        params = adapter.modules.get(mk)
+        layer = fam.layer_shapes(part).get(dotted)
+        if params is None or layer is None:
+            continue
+        try:
+            algo, factors = module_factors(dict(params))
+        except ValueError:
+            continue  # already reported by read_adapter
+        if algo == "lokr":
+            out, cols = factors[0].rows * factors[1].rows, factors[0].cols * factors[1].cols
+        else:
+            out, cols = factors[0].rows, factors[0].cols
+        want_cols = math.prod(layer[1:])
+        if (out, cols) != (layer[0], want_cols):
+            problems.append(f"{mk}: delta-W is {out}x{cols} but {fam.title} {part} layer {dotted} is "
+                            f"{'x'.join(map(str, layer))} ({layer[0]}x{want_cols} flattened)")
+    return problems
 
 
 # ------------------------------------------------------------------ per-module facts
@@ -98,6 +125,7 @@ def describe(adapter: AdapterFile) -> dict:
         dora += "dora_scale" in params
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in adapter.tensors.values())
     problems = list(adapter.problems)
+    problems += layer_shape_problems(adapter, detection["family"], detection["matched"])
     if detection["unmatched"]:
         shown = ", ".join(detection["unmatched"][:5])
         more = f" and {len(detection['unmatched']) - 5} more" if len(detection["unmatched"]) > 5 else ""

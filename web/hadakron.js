@@ -158,14 +158,18 @@ function drawChart(state) {
   const cssW = state.canvas.clientWidth;
   const cssH = state.canvas.clientHeight;
   if (cssW < 2 || cssH < 2) return false;
-  const dpr = window.devicePixelRatio || 1;
-  const w = Math.round(cssW * dpr);
-  const h = Math.round(cssH * dpr);
+  // Backing store at screen resolution: device pixels times the graph zoom when the frontend scales the
+  // widget with a CSS transform (the layout size then stays in graph units).
+  const onScreen = state.canvas.getBoundingClientRect().width;
+  const zoom = onScreen > 0 ? onScreen / cssW : 1;
+  const k = Math.min(4, Math.max(0.5, (window.devicePixelRatio || 1) * zoom));
+  const w = Math.round(cssW * k);
+  const h = Math.round(cssH * k);
   if (state.canvas.width !== w) state.canvas.width = w;
   if (state.canvas.height !== h) state.canvas.height = h;
   const ctx = state.canvas.getContext("2d");
   if (!ctx) return false;
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.setTransform(k, 0, 0, k, 0, 0);
   const drawn = drawLossChart(ctx, cssW, cssH, series);
   state.root.dataset.points = String(series ? series.count : 0);
   return drawn;

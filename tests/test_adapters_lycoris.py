@@ -99,3 +99,29 @@ def test_lycoris_accepts_our_files():
     y_base = layer(x)
     lyco.apply_to()
     torch.testing.assert_close(ours(x), layer(x) - y_base, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False])
+@pytest.mark.parametrize("lyco_cls", [lyco_loha.LohaModule, lyco_lokr.LokrModule], ids=["loha", "lokr"])
+def test_lycoris_dora_modules_match_at_multiplier_one(lyco_cls, wd_on_out):
+    """DoRA (weight_decompose): same output as LyCORIS at multiplier 1, base weight read from the layer.
+
+    At other multipliers LyCORIS keeps (1 - m) * dW in the weight; we follow ComfyUI (m * (W_d - W)).
+    """
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 96).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 64, generator=g, dtype=F64)
+    y_base = layer(x)
+    lyco = lyco_cls("lycoris_test", layer, lora_dim=2, alpha=1.0, weight_decompose=True, wd_on_out=wd_on_out).double()
+    with torch.no_grad():
+        for name, p in lyco.named_parameters():
+            if name != "dora_scale":
+                p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.3)
+    lyco.apply_to()
+    expected = layer(x) - y_base
+    sd = {k: v.detach().clone() for k, v in lyco.state_dict().items()}
+    assert "dora_scale" in sd
+    ours = AdapterModule.from_params(sd, layer)
+    assert "weight" not in dict(ours.named_parameters())
+    torch.testing.assert_close(ours(x), expected, rtol=1e-9, atol=1e-11)

@@ -199,6 +199,8 @@ def test_unknown_names_missing_alpha_and_mixed_algorithms(tmp_path):
     params = _loha()
     del params["alpha"]
     assert _problems(tmp_path, params) == [f"{M}.alpha: missing (loaders then use scale 1.0)"]
+    params["alpha"] = torch.ones(2)
+    assert _problems(tmp_path, params) == [f"{M}.alpha: expected one value (0-d), found shape [2]"]
     params = _loha()
     params["lokr_w1"] = torch.ones(2, 2)
     (problem,) = _problems(tmp_path, params)

@@ -60,7 +60,7 @@ def test_write_then_read_is_bit_identical(tmp_path):
 
 def test_bytes_equal_safetensors_save_and_modules_are_grouped(tmp_path):
     tensors = _tensors()
-    meta = {"ss_network_dim": "8"}  # one key: safetensors orders several keys at random
+    meta = {"ss_note": 'é "q"\n\x01\u2028\x7f\t\\ / \U0001F600'}  # one key: safetensors orders several at random
     out = write_adapter(tmp_path / "b.safetensors", tensors, meta)
     assert out.read_bytes() == safetensors.torch.save(tensors, meta)
     back = read_adapter(out)

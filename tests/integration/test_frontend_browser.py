@@ -1,8 +1,8 @@
 """Browser test of the web/ extension against a real ComfyUI server and its real frontend (headless Chromium).
 
-Starts ComfyUI (COMFYUI_PATH, the running interpreter must be ComfyUI's venv with comfyui-frontend-package) with
-this pack in custom_nodes, opens the UI in Debian's chromium driven over the DevTools protocol (pipe transport,
-no extra Python package), and checks that: /extensions lists our modules; the extension registers without
+Uses conftest's `comfy_server` (COMFYUI_PATH; run with ComfyUI's venv, which has comfyui-frontend-package),
+opens the UI in Debian's chromium driven over the DevTools protocol (pipe transport, no extra Python
+package), and checks that: /extensions lists our modules; the extension registers without
 console errors from our scripts; a trainer node draws a live loss chart from "hadakron.loss" WS messages and
 keeps the final curve after an "executed" message and a workflow reload; a loader node shows its load report.
 Skipped with the reason when COMFYUI_PATH, chromium or the frontend package is missing.
@@ -14,9 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "hadakron"
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -61,53 +58,15 @@ if importlib.util.find_spec("comfyui_frontend_package") is None:
 # ---------------------------------------------------------------- ComfyUI server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 5.0):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read().decode())
 
 
 @pytest.fixture(scope="module")
-def server():
-    """ComfyUI on a free port with this repo linked as custom_nodes/hadakron; yields the base URL."""
-    base = Path(tempfile.mkdtemp(prefix="hadakron_fe_"))
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(REPO, target_is_directory=True)
-    port = _free_port()
-    log = open(base / "server.log", "wb")
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
-           "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_DIR_NAME,
-           "--database-url", "sqlite:///:memory:"]
-    proc = subprocess.Popen(cmd, cwd=_comfy_path(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {proc.returncode}:\n{(base / 'server.log').read_text()[-4000:]}")
-            try:
-                _get(url + "/object_info/KSampler", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ComfyUI did not answer in 120 s:\n{(base / 'server.log').read_text()[-4000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
+def server(comfy_server):
+    """Base URL of the real ComfyUI started by conftest.py (this repo linked as custom_nodes/hadakron)."""
+    return comfy_server["url"]
 
 
 # ---------------------------------------------------------------- Chromium over the DevTools pipe

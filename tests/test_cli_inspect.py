@@ -107,15 +107,20 @@ def test_inspect_reports_unknown_family(tmp_path, capsys):
 
 def test_inspect_table(tmp_path, capsys):
     path = tmp_path / "sdxl.safetensors"
-    safetensors.torch.save_file(_sdxl_tensors(), str(path), {"ss_network_module": "networks.lokr"})
+    meta = {"ss_network_module": "networks.lokr", "ss_tag_frequency": '{"x": {"a": 1}}'}
+    safetensors.torch.save_file(_sdxl_tensors(), str(path), meta)
     assert main(["inspect", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert not any("ss_tag_frequency" in line for line in lines)
+    assert any("2 keys (1 not shown" in line for line in lines)
     table = {line.split()[0]: line for line in lines if line and not line.startswith(" ")}
     assert "sdxl" in table["family"] and "kohya" in table["family"]
     assert "6" in table["modules"] and "unet 4" in table["modules"] and "te2 1" in table["modules"]
     assert "loha 3" in table["algorithms"] and "lokr 2" in table["algorithms"]
     assert any("ss_network_module = networks.lokr" in line for line in lines)
     assert table["problems"].split()[-1] == "none"
+    assert main(["inspect", str(path), "--all-metadata"]) == 0
+    assert "ss_tag_frequency = {\"x\": {\"a\": 1}}" in capsys.readouterr().out
 
 
 def test_bad_file_exits_1_with_one_line(tmp_path, capsys):

@@ -29,13 +29,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                           "dtypes, metadata and every problem found in an adapter file.")
     p.add_argument("file", help="adapter file (.safetensors)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (stable field names)")
+    p.add_argument("--all-metadata", action="store_true", help="list every metadata key in the table")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Read the file, print the report; 0 when it could be read (problems are reported, not fatal)."""
     report = describe(read_adapter(args.file))
-    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print(format_report(report, all_metadata=args.all_metadata))
     return 0
 
 
@@ -171,8 +175,16 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def format_report(r: Mapping) -> str:
-    """A compact two-column table of the report."""
+METADATA_SHOWN = (
+    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
+    "ss_output_name", "ss_steps", "ss_epoch", "ss_learning_rate", "ss_training_finished_at",
+    "modelspec.architecture", "modelspec.title", "modelspec.date", "sshs_model_hash", "sshs_legacy_hash",
+)
+"""Metadata keys the table shows by default (plus every `hadakron.*` key)."""
+
+
+def format_report(r: Mapping, *, all_metadata: bool = False) -> str:
+    """A compact two-column table of the report; only the common metadata keys unless `all_metadata`."""
     rows = [
         ("file", f"{r['file']} ({_size(r['size_bytes'])})"),
         ("family", f"{r['family'] or 'unknown'}   layout {r['layout'] or 'unknown'}"),
@@ -184,8 +196,13 @@ def format_report(r: Mapping) -> str:
         ("params", f"{r['params']:,} in {r['tensors']} tensors   " + _counts(r["dtypes"])),
     ]
     meta = r["metadata"]
-    rows.append(("metadata", f"{len(meta)} keys" if meta else "none"))
-    for k in sorted(meta):
+    shown = [k for k in METADATA_SHOWN if k in meta] + sorted(k for k in meta if k.startswith("hadakron."))
+    if all_metadata:
+        shown += sorted(k for k in meta if k not in shown)
+    hidden = len(meta) - len(shown)
+    rows.append(("metadata", (f"{len(meta)} keys" + (f" ({hidden} not shown: --all-metadata or --json)" if hidden else ""))
+                 if meta else "none"))
+    for k in shown:
         v = " ".join(meta[k].split())
         rows.append(("", f"{k} = {v[:70] + '...' if len(v) > 73 else v}"))
     rows.append(("problems", str(len(r["problems"])) if r["problems"] else "none"))

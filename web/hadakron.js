@@ -263,14 +263,16 @@ function setupLoader(node) {
   const root = document.createElement("div");
   root.className = "hadakron-report";
   root.textContent = "the load report appears here after a run";
+  const state = { node, widget: null, root, lastOutputKey: null, height: 60 };
   const widget = node.addDOMWidget(REPORT_WIDGET, "hadakron-report", root, {
     serialize: false,
-    getMinHeight: () => 60,
+    getMinHeight: () => state.height,
     getValue: () => "",
     setValue: () => {},
   });
   widget.serialize = false;
-  node.__hadakronReport = { node, widget, root, lastOutputKey: null };
+  state.widget = widget;
+  node.__hadakronReport = state;
   fitNode(node, 320);
 }
 
@@ -288,12 +290,13 @@ function section(title, lines, open) {
   return d;
 }
 
+/** Renders the report into root; returns the number of text lines visible with the default open sections. */
 function renderReport(root, parsed) {
   root.replaceChildren();
   if (!parsed.report) {
     root.append(el("pre", "", parsed.text ?? ""));
     root.dataset.text = parsed.text ?? "";
-    return;
+    return (parsed.text ?? "").split("\n").length;
   }
   const f = formatReport(parsed.report);
   root.append(el("div", "hadakron-headline", f.headline));
@@ -306,6 +309,14 @@ function renderReport(root, parsed) {
   }
   if (f.metadata.length) root.append(section("training metadata", f.metadata, false));
   root.dataset.text = reportText(f);
+  return (
+    1 +
+    f.summary.length +
+    f.warnings.length +
+    (f.matched.length ? 1 + f.matched.length : 0) +
+    (f.unmatched.length ? 1 + (f.unmatchedCollapsed ? 0 : f.unmatched.length) : 0) +
+    (f.metadata.length ? 1 : 0)
+  );
 }
 
 function applyLoaderOutput(node, output) {
@@ -320,8 +331,10 @@ function applyLoaderOutput(node, output) {
     return;
   }
   state.lastOutputKey = key;
-  renderReport(state.root, parsed);
-  fitNode(node, 320);
+  const lines = renderReport(state.root, parsed);
+  // Grow the widget to show the report without scrolling, up to about 24 lines; longer reports scroll.
+  state.height = Math.min(360, Math.max(60, 14 * lines + 14));
+  fitNode(node, 360);
   markCanvasDirty();
 }
 

@@ -7,7 +7,7 @@ export const COLORS = Object.freeze({
   background: "#1b1b1b",
   grid: "#333333",
   axisText: "#9a9a9a",
-  raw: "rgba(110, 160, 255, 0.45)",
+  raw: "rgba(110, 160, 255, 0.35)",
   smooth: "#ffa53c",
   message: "#8a8a8a",
 });

@@ -159,12 +159,14 @@ export function formatReport(report, opts = {}) {
   const parts = matchedByPart(r.by_block ?? r.matched);
   const matched = [];
   let matchedTotal = 0;
-  for (const part of [...parts.keys()].sort(naturalCompare)) {
+  for (const part of parts.keys()) {
+    // parts in the report's order (unet first), blocks in natural order (IN01 < IN10 < M00 < OUT00)
     const blocks = parts.get(part);
     const sum = [...blocks.values()].reduce((a, b) => a + b, 0);
     matchedTotal += sum;
     matched.push(`${part}: ${sum}`);
     const named = [...blocks.keys()].filter((b) => b !== "").sort(naturalCompare);
+    if (named.length === 1 && blocks.size === 1) continue; // one block: its line would repeat the part's
     for (const b of named) matched.push(`  ${b}: ${blocks.get(b)}`);
   }
   if (Number.isFinite(r.matched_count)) matchedTotal = r.matched_count;

@@ -209,6 +209,7 @@ function onLossEvent(event) {
   if (!state) return;
   state.history.addEvent(ev);
   state.live = true;
+  state.lastOutputKey = null; // the run's final output must be applied even if it equals the previous one
   scheduleDraw(state);
   persistSeries(state);
 }

@@ -357,6 +357,24 @@ def test_trainer_live_chart_final_curve_and_reload(page):
     assert done["prop"]["count"] == 100 and done["prop"]["finished"] is True
     assert done["prop"]["raw"]["xs"][0] == 1 and done["prop"]["raw"]["xs"][-1] == 100
 
+    # a new run starts (step 1): live points replace the final curve, and the stored outputs being
+    # re-announced (queue panel, onNodeOutputsUpdated) must not wipe the run in progress
+    page.eval("window.__hk.ws('hadakron.loss', %s) || true" % json.dumps(
+        {"node": node_id, "step": 1, "total": 10, "loss": 0.5, "lr": 1e-4}))
+    page.eval("(() => { window.__hk.app.nodeOutputs = {[%s]: %s}; return true; })()" % (json.dumps(node_id), json.dumps(output)))
+    page.eval("window.__hk.ws('hadakron.loss', %s) || true" % json.dumps(
+        {"node": node_id, "step": 2, "total": 10, "loss": 0.4, "lr": 1e-4}))
+    rerun = page.wait_for("""(() => {
+      const el = window.__hk.widgetEl(window.__hk.trainer, 'hadakron_loss_chart');
+      const txt = el.querySelector('.hadakron-status').textContent;
+      return txt.includes('step 2 / 10') ? txt : null;
+    })()""", timeout=20, what="the second run's live chart")
+    assert "done" not in rerun and "loss 0.4" in rerun, rerun
+    page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(
+        {"node": node_id, "display_node": node_id, "output": output, "prompt_id": "p1b"}))
+    page.wait_for("""window.__hk.widgetEl(window.__hk.trainer, 'hadakron_loss_chart')
+      .querySelector('.hadakron-status').textContent.includes('step 100 / 100')""", timeout=20, what="the final curve again")
+
     # save the workflow and load it again: the new node instance shows the stored curve
     page.eval("""(async () => {
       const wf = window.__hk.app.graph.serialize();
@@ -425,6 +443,13 @@ def test_loader_shows_report(page):
       return d ? { open: d.open } : null;
     })()""", timeout=20, what="the collapsed unmatched list")
     assert collapsed["open"] is False
+
+    # outputs restored from the queue/history panel reach a fresh loader node through onNodeOutputsUpdated
+    other = page.eval("(() => { const n = window.__hk.add('HadakronLoaderModelOnly', [900, 40]); window.__hk.loader2 = n; return String(n.id); })()")
+    page.eval("(() => { window.__hk.app.nodeOutputs = {[%s]: %s}; return true; })()" % (
+        json.dumps(other), json.dumps({"hadakron_report": [json.dumps(REPORT)], "text": ["..."]})))
+    page.wait_for("""(() => { const h = window.__hk.widgetEl(window.__hk.loader2, 'hadakron_report_view').querySelector('.hadakron-headline');
+      return h && h.textContent.startsWith('SDXL'); })()""", timeout=20, what="the restored report")
 
     # text-only output (no JSON report) is shown as text
     page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(

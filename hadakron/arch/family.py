@@ -141,7 +141,7 @@ def compile_patterns(patterns: Iterable[str] | str | None, what: str) -> list[re
         try:
             out.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f"{what}: invalid regular expression {p!r}: {e}") from None
+            raise ValueError(f"{what}: invalid regular expression '{p}': {e}") from None
     return out
 
 

@@ -1,0 +1,453 @@
+"""Attach LoHa/LoKr adapters to a live torch model by the family's rules; optimizer groups (LoRA+, per-regex lr).
+
+`AdapterNetwork.build(family, parts, config)` finds each part's layers by their canonical dotted names
+(any model whose module paths follow the family's names: ComfyUI's, sd-scripts', our test models; a
+`diffusion_model.`-style prefix is found by itself). Layers are matched with `isinstance(nn.Linear /
+nn.Conv2d)`, so subclasses such as ComfyUI's cast ops count. Selection follows sd-scripts
+(`networks/network_base.py`): exclude/include patterns (`re.fullmatch` on the unprefixed dotted name,
+include only rescues), then the first matching `network_reg_dims` entry (alpha = network_alpha), then
+network_dim for Linear / 1x1 conv, conv_dim (with conv_alpha) for kxk conv; a dim of 0 skips.
+Attaching wraps each layer's forward: y = layer(x) + adapter(x); the base weights are never written.
+"""
+from __future__ import annotations
+
+import ast
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from hadakron.adapters import AdapterModule, LoHa, LoKr
+from hadakron.arch import Family, compile_patterns, file_key, get_family, match_part_names, module_key, parse_keys
+
+Tensor = torch.Tensor
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("loha", "lokr")
+_PLUS_NAMES = {"loha": ("hada_w2_a",), "lokr": ("lokr_w1",)}
+
+
+# ---------------------------------------------------------------------------------------- config
+def parse_regex_values(value: str | Mapping[str, float] | Sequence[tuple[str, float]] | None, what: str,
+                       cast: type) -> dict[str, float]:
+    """`"re1=v1,re2=v2"` (sd-scripts' syntax), a mapping or pairs -> ordered `{regex: value}`; bad input raises."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if "=" not in item:
+                raise ValueError(f"{what}: entry {item!r} is not 'regex=value'")
+            regex, v = item.split("=", 1)
+            pairs.append((regex.strip(), v.strip()))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        pairs = [tuple(p) for p in value]
+    out: dict[str, float] = {}
+    for regex, v in pairs:
+        compile_patterns([regex], what)
+        try:
+            out[regex] = cast(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: value {v!r} for '{regex}' is not a {cast.__name__}") from None
+        if out[regex] < 0:
+            raise ValueError(f"{what}: value {v!r} for '{regex}' must be >= 0")
+    return out
+
+
+def _pattern_list(value: str | Sequence[str] | None, what: str) -> list[str]:
+    """A list of regexes from a list or a string (`"['a', 'b']"` as sd-scripts' literal_eval, or one regex)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"{what}: {value!r} is not a list of strings") from None
+        else:
+            value = [text]
+    out = [str(v) for v in value]
+    compile_patterns(out, what)
+    return out
+
+
+@dataclass
+class NetworkConfig:
+    """Everything that chooses and shapes the adapters (sd-scripts' network args, LyCORIS' extra options)."""
+
+    algo: str = "lokr"
+    network_dim: int = 4
+    network_alpha: float = 1.0
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    factor: int = -1
+    decompose_both: bool = False
+    use_tucker: bool = False
+    use_scalar: bool = False
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    full_matrix: bool = False
+    exclude_patterns: list[str] = field(default_factory=list)
+    include_patterns: list[str] = field(default_factory=list)
+    network_reg_dims: dict[str, int] = field(default_factory=dict)
+    network_reg_lrs: dict[str, float] = field(default_factory=dict)
+    train_llm_adapter: bool = False
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        self.algo = str(self.algo).lower()
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"algo must be one of {ALGORITHMS}; got {self.algo!r}")
+        if int(self.network_dim) < 0:
+            raise ValueError(f"network_dim must be >= 0; got {self.network_dim}")
+        if self.conv_dim is not None and int(self.conv_dim) < 0:
+            raise ValueError(f"conv_dim must be >= 0; got {self.conv_dim}")
+        if self.conv_dim is not None and self.conv_alpha is None:
+            self.conv_alpha = 1.0  # sd-scripts' default when conv_dim is given
+        self.exclude_patterns = _pattern_list(self.exclude_patterns, "exclude_patterns")
+        self.include_patterns = _pattern_list(self.include_patterns, "include_patterns")
+        self.network_reg_dims = parse_regex_values(self.network_reg_dims, "network_reg_dims", int)  # type: ignore
+        self.network_reg_lrs = parse_regex_values(self.network_reg_lrs, "network_reg_lrs", float)
+        for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            v = getattr(self, name)
+            if v is not None and float(v) <= 0:
+                raise ValueError(f"{name} must be > 0; got {v}")
+
+    def plus_ratio(self, part: str) -> float | None:
+        """LoRA+ ratio of a part: the part-specific one, else the global one (sd-scripts' `or`)."""
+        if part == "unet":
+            return self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+        return self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+
+
+# ---------------------------------------------------------------------------------------- network
+@dataclass
+class Target:
+    """One adapted layer: where it is, its adapter, and what chose its rank and lr."""
+
+    key: str  # kohya module name (lora_name), also the key in AdapterNetwork.adapters
+    part: str
+    dotted: str
+    name: str  # module path in the given part module
+    layer: nn.Module
+    adapter: AdapterModule
+    rank: int
+    alpha: float
+    reg_lr_index: int | None = None
+
+
+@dataclass
+class LoadReport:
+    """What `load_file_state` did: loaded module keys, network modules absent from the file, file keys not used."""
+
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+
+
+class _BypassForward:
+    """The wrapped forward: the layer's own forward plus the adapter's additive term."""
+
+    def __init__(self, layer: nn.Module, adapter: AdapterModule, original) -> None:
+        self.layer, self.adapter, self.original = layer, adapter, original
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.original is None:
+            y = type(self.layer).forward(self.layer, x, *args, **kwargs)
+        else:
+            y = self.original(x, *args, **kwargs)
+        return y + self.adapter(x)
+
+
+_NO_ATTR = object()
+
+
+class AdapterNetwork(nn.Module):
+    """Adapters over a family's parts. Build with `AdapterNetwork.build`; state keys are kohya names."""
+
+    def __init__(self, family: Family, config: NetworkConfig) -> None:
+        super().__init__()
+        self.family = family
+        self.config = config
+        self.adapters = nn.ModuleDict()
+        self.targets: list[Target] = []
+        self.warnings: list[str] = []
+        self._saved_forward: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, family: str | Family, parts: Mapping[str, nn.Module], config: NetworkConfig | None = None,
+              *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "AdapterNetwork":
+        """Create fresh adapters (dW = 0) for every selected layer of the given parts."""
+        fam = get_family(family)
+        config = config or NetworkConfig()
+        net = cls(fam, config)
+        if not parts:
+            raise ValueError(f"no parts given; {fam.title} has parts {list(fam.parts)}")
+        for part in parts:
+            fam.check_part(part)
+        conv = config.conv_dim is not None and int(config.conv_dim) > 0
+        reg_dims = [(re.compile(p), d) for p, d in config.network_reg_dims.items()]
+        reg_lrs = [re.compile(p) for p in config.network_reg_lrs]
+        seen_layers: dict[int, str] = {}
+        all_candidates: list[str] = []
+        for part in fam.parts:
+            if part not in parts:
+                continue
+            root = parts[part]
+            live = dict(root.named_modules())
+            prefix, found = match_part_names(fam, part, live)
+            candidates = fam.candidates(part, conv=conv, train_llm_adapter=config.train_llm_adapter)
+            all_candidates += candidates
+            selected = fam.select(part, conv=conv, train_llm_adapter=config.train_llm_adapter,
+                                  exclude_patterns=config.exclude_patterns, include_patterns=config.include_patterns)
+            if not found:
+                sample = ", ".join(repr(n) for n in list(live)[1:4]) or "none"
+                raise ValueError(f"{fam.title} {part}: the given module has none of the {fam.part_titles[part]}'s "
+                                 f"layer names (expected e.g. {candidates[0]!r}; found {sample})")
+            absent = [d for d in selected if d not in found]
+            if absent:
+                net._warn(f"{fam.title} {part}: {len(absent)} of {len(selected)} selected layers are not in the "
+                          f"given module (e.g. {absent[0]!r}); they get no adapter")
+            count = 0
+            for dotted in selected:
+                if dotted not in found:
+                    continue
+                layer = live[found[dotted]]
+                if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+                    net._warn(f"{fam.title} {part}: {found[dotted]!r} is a {type(layer).__name__}, "
+                              f"not a Linear/Conv2d; skipped")
+                    continue
+                rank, alpha = _rank_alpha(dotted, layer, config, reg_dims)
+                if not rank:
+                    continue
+                if id(layer) in seen_layers:
+                    raise ValueError(f"layer {part}:{dotted} is the same module as {seen_layers[id(layer)]}; "
+                                     f"a layer can carry one adapter (are two parts the same model?)")
+                seen_layers[id(layer)] = f"{part}:{dotted}"
+                adapter = _make_adapter(layer, rank, alpha, config, dtype, device)
+                key = module_key(fam, part, dotted, "kohya")
+                reg_i = next((i for i, p in enumerate(reg_lrs) if p.fullmatch(dotted)), None)
+                net.adapters[key] = adapter
+                net.targets.append(Target(key, part, dotted, found[dotted], layer, adapter, rank, alpha, reg_i))
+                count += 1
+            if count == 0:
+                raise ValueError(f"{fam.title} {part}: no layer selected ({len(candidates)} candidates, "
+                                 f"{len(selected)} after exclude/include patterns, dims from network_dim="
+                                 f"{config.network_dim}, conv_dim={config.conv_dim}, network_reg_dims); "
+                                 f"leave the part out instead of training nothing")
+        net._check_patterns(all_candidates)
+        logger.info("%s adapter network: %d modules (%s)", fam.title, len(net.targets),
+                    ", ".join(f"{p} {n}" for p, n in net.counts().items()))
+        return net
+
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        warnings.warn(msg, stacklevel=3)
+
+    def _check_patterns(self, candidates: list[str]) -> None:
+        """Warn about patterns that select nothing (a typo would otherwise pass unnoticed)."""
+        c = self.config
+        chosen = [t.dotted for t in self.targets]
+        checks = [("exclude_patterns", c.exclude_patterns, candidates),
+                  ("include_patterns", c.include_patterns,
+                   [d for d in candidates if any(re.fullmatch(p, d) for p in self.family.default_excludes + c.exclude_patterns)]),
+                  ("network_reg_dims", list(c.network_reg_dims), candidates),
+                  ("network_reg_lrs", list(c.network_reg_lrs), chosen)]
+        for what, patterns, names in checks:
+            for p in patterns:
+                rx = re.compile(p)
+                if not any(rx.fullmatch(n) for n in names):
+                    self._warn(f"{what}: pattern '{p}' matches no {'excluded ' if what == 'include_patterns' else ''}"
+                               f"layer of the given parts (it is matched with re.fullmatch on dotted names "
+                               f"such as {names[0] if names else 'blocks.0.mlp.layer1'!r})")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def modules_by_key(self) -> dict[str, AdapterModule]:
+        """`{kohya module name: adapter}`."""
+        return {t.key: t.adapter for t in self.targets}
+
+    def counts(self) -> dict[str, int]:
+        """Number of adapted layers per part."""
+        out: dict[str, int] = {}
+        for t in self.targets:
+            out[t.part] = out.get(t.part, 0) + 1
+        return out
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for t in self.targets:
+            t.adapter.multiplier = float(multiplier)
+
+    # ------------------------------------------------------------------ attach / detach
+    @property
+    def attached(self) -> bool:
+        return bool(self._saved_forward)
+
+    def attach(self) -> "AdapterNetwork":
+        """Wrap each target layer's forward: y = layer(x) + adapter(x) (bypass; weights untouched)."""
+        if self.attached:
+            raise RuntimeError("adapter network is already attached")
+        for t in self.targets:
+            if isinstance(t.layer.__dict__.get("forward"), _BypassForward):
+                raise RuntimeError(f"layer {t.part}:{t.dotted} already carries an adapter from another network")
+        for t in self.targets:
+            original = t.layer.__dict__.get("forward", _NO_ATTR)
+            self._saved_forward[t.key] = original
+            t.layer.forward = _BypassForward(t.layer, t.adapter, None if original is _NO_ATTR else original)
+        return self
+
+    def detach(self) -> "AdapterNetwork":
+        """Restore every layer's forward exactly as it was before `attach`."""
+        for t in self.targets:
+            if t.key not in self._saved_forward:
+                continue
+            original = self._saved_forward.pop(t.key)
+            if original is _NO_ATTR:
+                t.layer.__dict__.pop("forward", None)
+            else:
+                t.layer.forward = original
+        return self
+
+    # ------------------------------------------------------------------ files
+    def file_state_dict(self, layout: str = "kohya") -> dict[str, Tensor]:
+        """Every module's tensors (scalar folded, alpha included) under `layout`'s keys."""
+        out: dict[str, Tensor] = {}
+        for t in self.targets:
+            for param, tensor in t.adapter.file_state_dict().items():
+                out[file_key(self.family, t.part, t.dotted, param, layout)] = tensor
+        return out
+
+    def load_file_state(self, tensors: Mapping[str, Tensor], *, strict: bool = False) -> LoadReport:
+        """Copy a file's tensors (any layout) into the matching adapters; shapes must agree.
+
+        `strict=True` raises when a network module is absent from the file or a file key is not used.
+        """
+        parsed, unknown = parse_keys(tensors, self.family)
+        by_module: dict[tuple[str, str], dict[str, Tensor]] = {}
+        file_keys: dict[tuple[str, str], list[str]] = {}
+        for p in parsed:
+            by_module.setdefault((p.part, p.dotted), {})[p.param] = tensors[p.key]
+            file_keys.setdefault((p.part, p.dotted), []).append(p.key)
+        targets = {(t.part, t.dotted): t for t in self.targets}
+        loaded, missing = [], []
+        for where, t in targets.items():
+            params = by_module.pop(where, None)
+            if params is None:
+                missing.append(t.key)
+                continue
+            _load_into(t, params)
+            loaded.append(t.key)
+        unexpected = list(unknown) + [k for where in by_module for k in file_keys[where]]
+        if strict and (missing or unexpected):
+            raise ValueError(f"file does not fit the network: {len(missing)} network modules missing "
+                             f"(e.g. {missing[:2]}), {len(unexpected)} keys unused (e.g. {unexpected[:2]})")
+        return LoadReport(loaded, missing, unexpected)
+
+    # ------------------------------------------------------------------ optimizer groups
+    def param_groups(self, unet_lr: float | None = None,
+                     te_lr: float | Sequence[float] | Mapping[str, float] | None = None,
+                     default_lr: float = 1e-4) -> list[dict]:
+        """Optimizer groups as sd-scripts' `prepare_optimizer_params_with_multiple_te_lrs`.
+
+        Text encoder parts first, then the UNet/DiT; within a part the `network_reg_lrs` groups (in
+        regex order), then the part's own group; each split into `lora` and LoRA+ `plus` (lr x ratio;
+        `hada_w2_a` for LoHa, `lokr_w1*` for LoKr) when a ratio applies. Groups with lr 0/None are
+        left out. `te_lr`: one lr, one per text encoder (te1, te2), or `{part: lr}`; None -> default_lr.
+        """
+        te_parts = [p for p in self.family.parts if p != "unet"]
+        lrs = {"unet": default_lr if unet_lr is None else unet_lr}
+        for i, part in enumerate(te_parts):
+            if te_lr is None:
+                lrs[part] = default_lr
+            elif isinstance(te_lr, Mapping):
+                lrs[part] = te_lr.get(part, default_lr)
+            elif isinstance(te_lr, (list, tuple)):
+                lrs[part] = (te_lr[i] if i < len(te_lr) else te_lr[0]) if te_lr else default_lr
+            else:
+                lrs[part] = te_lr
+        reg_lrs = list(self.config.network_reg_lrs.values())
+        groups: list[dict] = []
+        for part in te_parts + ["unet"]:
+            members = [t for t in self.targets if t.part == part]
+            if not members:
+                continue
+            title = "unet" if part == "unet" else f"textencoder {te_parts.index(part) + 1}"
+            ratio = self.config.plus_ratio(part)
+            buckets = [(f" reg_lr_{i}", lr, [t for t in members if t.reg_lr_index == i]) for i, lr in enumerate(reg_lrs)]
+            buckets.append(("", lrs[part], [t for t in members if t.reg_lr_index is None]))
+            for suffix, lr, ts in buckets:
+                lora, plus = _split_plus(ts, ratio is not None)
+                for kind, named, group_lr in (("lora", lora, lr), ("plus", plus, None if lr is None else lr * (ratio or 1))):
+                    if not named or not group_lr:
+                        continue
+                    groups.append({"params": [p for _, p in named], "names": [n for n, _ in named], "lr": float(group_lr),
+                                   "part": part, "kind": kind,
+                                   "description": title + suffix + (" plus" if kind == "plus" else "")})
+        return groups
+
+
+def _rank_alpha(dotted: str, layer: nn.Module, config: NetworkConfig,
+                reg_dims: list[tuple[re.Pattern[str], int]]) -> tuple[int, float]:
+    for rx, dim in reg_dims:
+        if rx.fullmatch(dotted):
+            return int(dim), float(config.network_alpha)
+    small = isinstance(layer, nn.Linear) or tuple(layer.kernel_size) == (1, 1)
+    if small:
+        return int(config.network_dim), float(config.network_alpha)
+    if config.conv_dim:
+        return int(config.conv_dim), float(config.conv_alpha if config.conv_alpha is not None else 1.0)
+    return 0, 0.0
+
+
+def _make_adapter(layer: nn.Module, rank: int, alpha: float, c: NetworkConfig, dtype, device) -> AdapterModule:
+    common = dict(use_tucker=c.use_tucker, use_scalar=c.use_scalar, rank_dropout=c.rank_dropout,
+                  module_dropout=c.module_dropout, dtype=dtype, device=device)
+    if c.algo == "loha":
+        return LoHa.for_layer(layer, rank, alpha, **common)
+    return LoKr.for_layer(layer, rank, alpha, factor=c.factor, decompose_both=c.decompose_both,
+                          full_matrix=c.full_matrix, **common)
+
+
+def _split_plus(targets: Iterable[Target], use_plus: bool) -> tuple[list, list]:
+    lora, plus = [], []
+    for t in targets:
+        for name, p in t.adapter.named_parameters():
+            full = f"{t.key}.{name}"
+            is_plus = use_plus and any(s in name for s in _PLUS_NAMES[t.adapter.algorithm])
+            (plus if is_plus else lora).append((full, p))
+    return lora, plus
+
+
+def _load_into(t: Target, params: Mapping[str, Tensor]) -> None:
+    """Copy one file module's tensors into its adapter, with clear errors on form or shape mismatch."""
+    adapter = t.adapter
+    own = set(adapter.factor_names)
+    given = {n for n in params if n not in ("alpha", "dora_scale")}
+    if given != own:
+        raise ValueError(f"module {t.key}: file tensors {sorted(given)} do not match the network's {sorted(own)} "
+                         f"(built with another algorithm, rank, factor or Tucker setting?)")
+    with torch.no_grad():
+        for name in sorted(own):
+            dst, src = getattr(adapter, name), params[name]
+            if tuple(dst.shape) != tuple(src.shape):
+                raise ValueError(f"module {t.key}: {name} has shape {tuple(src.shape)} in the file, "
+                                 f"expected {tuple(dst.shape)}")
+            dst.copy_(src.to(dst.dtype))
+        if "alpha" in params:
+            adapter.alpha.copy_(params["alpha"].to(adapter.alpha.dtype).reshape(adapter.alpha.shape))
+        if adapter.scalar is not None:
+            adapter.scalar.fill_(1.0)  # the file's tensors already hold the scalar
+    adapter.refresh_scale()

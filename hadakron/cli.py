@@ -13,7 +13,7 @@ from typing import Sequence
 
 from hadakron import __version__
 
-COMMANDS: tuple[str, ...] = ("inspect", "merge", "combine", "convert")
+COMMANDS: tuple[str, ...] = ("inspect", "merge", "combine", "convert", "demo")
 """Subcommand names; each is the module `hadakron.commands.<name>` with `add_parser` and `run`."""
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

@@ -19,7 +19,6 @@ const SMOOTHING_PROPERTY = "hadakron_loss_smoothing";
 /** "auto" (window of about a twentieth of the run) or a weight in [0, 1); editable in the node's properties. */
 const DEFAULT_SMOOTHING = "auto";
 const PERSIST_POINTS = 400;
-const PERSIST_INTERVAL_MS = 2000;
 
 const STYLE = `
 .hadakron-loss { display: flex; flex-direction: column; width: 100%; height: 100%; box-sizing: border-box;
@@ -80,6 +79,9 @@ function fitNode(node, minWidth) {
 
 // ------------------------------------------------------------------ trainer: loss chart
 
+/** Chart states of the trainer nodes that exist now (also those inside subgraphs). */
+const CHARTS = new Set();
+
 /** Per-node chart state, kept on the node object. */
 function chartState(node) {
   return node.__hadakronChart ?? null;
@@ -125,11 +127,11 @@ function setupTrainer(node) {
     restored: null,
     live: false,
     lastOutputKey: null,
-    lastPersist: 0,
     frame: 0,
     observer: null,
   };
   node.__hadakronChart = state;
+  CHARTS.add(state);
   if (node.properties && !(SMOOTHING_PROPERTY in node.properties)) node.properties[SMOOTHING_PROPERTY] = DEFAULT_SMOOTHING;
 
   if (typeof ResizeObserver !== "undefined") {
@@ -139,6 +141,7 @@ function setupTrainer(node) {
   const onRemoved = node.onRemoved;
   node.onRemoved = function () {
     state.observer?.disconnect();
+    CHARTS.delete(state);
     if (state.frame) cancelAnimationFrame(state.frame);
     return onRemoved?.apply(this, arguments);
   };
@@ -187,15 +190,30 @@ function scheduleDraw(state) {
   });
 }
 
-/** Stores the curve in node.properties (downsampled) so a saved workflow keeps it. */
-function persistSeries(state, force = false) {
-  const now = Date.now();
-  if (!force && now - state.lastPersist < PERSIST_INTERVAL_MS) return;
-  state.lastPersist = now;
-  if (!state.history.length) return;
+/** The curve as stored in the workflow (downsampled, rounded), or null without points. */
+function storedSeries(state) {
+  if (!state.history.length) return null;
   const series = buildSeries(state.history, { smoothing: smoothingOf(state.node), maxPoints: PERSIST_POINTS });
+  return seriesToJSON(series, { digits: 5 });
+}
+
+/** Stores the curve in node.properties so a saved workflow keeps it. */
+function persistSeries(state) {
+  const stored = storedSeries(state);
+  if (!stored) return;
   state.node.properties = state.node.properties ?? {};
-  state.node.properties[SERIES_PROPERTY] = seriesToJSON(series, { digits: 5 });
+  state.node.properties[SERIES_PROPERTY] = stored;
+}
+
+/** node.onSerialize: every save / tab switch / undo snapshot gets the curve as it is now, also mid-run. */
+function serializeTrainer(node, data) {
+  const state = chartState(node);
+  if (!state?.live) return;
+  const stored = storedSeries(state);
+  if (stored && data) {
+    data.properties = data.properties ?? {};
+    data.properties[SERIES_PROPERTY] = stored;
+  }
 }
 
 function onLossEvent(event) {
@@ -207,11 +225,15 @@ function onLossEvent(event) {
   const node = findNode(ev.node);
   const state = node && chartState(node);
   if (!state) return;
+  const saved = state.restored;
+  if (!state.history.length && saved && !saved.finished && saved.raw.xs.length && ev.step > saved.lastStep) {
+    // the node was re-created mid-run (workflow tab switched or reloaded): continue the stored curve
+    state.history.resume(saved.raw.xs, saved.raw.ys, saved.total);
+  }
   state.history.addEvent(ev);
   state.live = true;
   state.lastOutputKey = null; // the run's final output must be applied even if it equals the previous one
   scheduleDraw(state);
-  persistSeries(state);
 }
 
 /** Applies a trainer's ui output (final loss curve). fromExecuted: the executor just ran this node. */
@@ -231,7 +253,7 @@ function applyTrainerOutput(node, output, fromExecuted) {
   state.lastOutputKey = key;
   state.history.setFinal(parsed.losses, parsed.firstStep);
   state.live = false;
-  persistSeries(state, true);
+  persistSeries(state);
   scheduleDraw(state);
 }
 
@@ -247,11 +269,10 @@ function restoreTrainer(node) {
 
 function endOfRun() {
   // The run stopped (success, error or interrupt): keep what arrived and store it with the workflow.
-  for (const node of app.graph?._nodes ?? []) {
-    const state = chartState(node);
-    if (state?.live) {
+  for (const state of CHARTS) {
+    if (state.live) {
       state.live = false;
-      persistSeries(state, true);
+      persistSeries(state);
     }
   }
 }
@@ -369,6 +390,9 @@ app.registerExtension({
       });
       chain(nodeType.prototype, "onConfigure", function () {
         restoreTrainer(this);
+      });
+      chain(nodeType.prototype, "onSerialize", function (data) {
+        serializeTrainer(this, data);
       });
       chain(nodeType.prototype, "onExecuted", function (output) {
         applyTrainerOutput(this, output, true);

@@ -393,6 +393,28 @@ def test_trainer_live_chart_final_curve_and_reload(page):
     assert _our_problems(page) == []
 
 
+def test_trainer_reloaded_mid_run_continues_its_curve(page):
+    page.eval(HELPERS_JS)
+    node_id = page.eval("""(() => { const n = window.__hk.add('HadakronLoHaTrainer', [40, 420]); return String(n.id); })()""")
+    first = [{"node": node_id, "step": s, "total": 100, "loss": 1.0 - 0.005 * s, "lr": 5e-5} for s in range(1, 31)]
+    page.eval("(() => { for (const e of %s) window.__hk.ws('hadakron.loss', e); return true; })()" % json.dumps(first))
+    # the workflow is saved and opened again while training goes on (what a tab switch does)
+    page.eval("""(async () => { await window.__hk.app.loadGraphData(window.__hk.app.graph.serialize()); return true; })()""",
+              timeout=60)
+    rest = [{"node": node_id, "step": s, "total": 100, "loss": 1.0 - 0.005 * s, "lr": 5e-5} for s in range(31, 41)]
+    page.eval("(() => { for (const e of %s) window.__hk.ws('hadakron.loss', e); return true; })()" % json.dumps(rest))
+    got = page.wait_for("""(() => {
+      const n = window.__hk.app.graph.getNodeById(%s);
+      const el = n && window.__hk.widgetEl(n, 'hadakron_loss_chart');
+      if (!el) return null;
+      const txt = el.querySelector('.hadakron-status').textContent;
+      return txt.includes('step 40 / 100') ? { txt, points: el.dataset.points } : null;
+    })()""" % json.dumps(node_id), timeout=20, what="the continued curve")
+    assert got["points"] == "40", got
+    assert "done" not in got["txt"]
+    assert _our_problems(page) == []
+
+
 REPORT = {
     "source": "style.safetensors", "family": "sdxl", "file_family": "sdxl", "layouts": ["kohya"],
     "loaded_parts": ["unet", "te1", "te2"], "total_modules": 42, "matched_count": 40, "unmatched_count": 2,

@@ -40,6 +40,17 @@ test("LossHistory.setFinal replaces the live points; a later event starts a new 
   assert.equal(h.finished, false);
 });
 
+test("LossHistory.resume continues a saved unfinished run", () => {
+  const h = new LossHistory();
+  h.resume([1, 5, 9], [0.9, 0.7, 0.6], 20);
+  assert.equal(h.finished, false);
+  assert.equal(h.total, 20);
+  assert.equal(h.addEvent(ev(10, 0.55, 20)), false);
+  assert.deepEqual(h.steps, [1, 5, 9, 10]);
+  assert.deepEqual(h.losses, [0.9, 0.7, 0.6, 0.55]);
+  assert.throws(() => h.resume([1], [], 0), RangeError);
+});
+
 test("buildSeries smooths over the whole run, then downsamples both curves", () => {
   const h = new LossHistory();
   const n = 5000;

@@ -49,6 +49,23 @@ export class LossHistory {
   }
 
   /**
+   * Continues an unfinished run from saved points (e.g. the curve stored in the workflow when the node was
+   * re-created mid-run); later events append to them.
+   * @param {number[]} steps increasing step numbers
+   * @param {number[]} losses same length
+   * @param {number} total planned steps (0 when unknown)
+   */
+  resume(steps, losses, total) {
+    if (steps.length !== losses.length) throw new RangeError(`steps and losses differ in length: ${steps.length} vs ${losses.length}`);
+    const lr = this.lastLr;
+    this.clear();
+    this.lastLr = lr;
+    this.steps = steps.slice();
+    this.losses = losses.slice();
+    this.total = Number.isFinite(total) && total > 0 ? total : 0;
+  }
+
+  /**
    * Replaces the history by the final per-step losses of a finished run (step i+1 has loss[i]).
    * @param {number[]} losses
    * @param {number} [firstStep] step number of losses[0] (a resumed run starts later), default 1

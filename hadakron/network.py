@@ -125,6 +125,67 @@ class NetworkConfig:
             if v is not None and float(v) <= 0:
                 raise ValueError(f"{name} must be > 0; got {v}")
 
+    # sd-scripts' `--network_args key=value` strings <-> config fields
+    _ARG_TYPES = {
+        "conv_dim": int, "conv_alpha": float, "factor": int, "decompose_both": bool, "use_tucker": bool,
+        "use_scalar": bool, "rank_dropout": float, "module_dropout": float, "full_matrix": bool,
+        "exclude_patterns": list, "include_patterns": list, "network_reg_dims": str, "network_reg_lrs": str,
+        "train_llm_adapter": bool, "loraplus_lr_ratio": float, "loraplus_unet_lr_ratio": float,
+        "loraplus_text_encoder_lr_ratio": float, "algo": str,
+    }
+    _IGNORED_ARGS = ("dropout", "verbose", "preset")
+
+    @classmethod
+    def from_network_args(cls, args: Mapping[str, object], *, algo: str | None = None, network_dim: int | None = None,
+                          network_alpha: float | None = None) -> "NetworkConfig":
+        """A config from sd-scripts-style network args (values may be strings, as in `ss_network_args`).
+
+        Unknown keys raise (sd-scripts ignores them silently); `dropout`, `verbose`, `preset` are accepted and unused.
+        """
+        kw: dict[str, object] = {}
+        for key, value in args.items():
+            if key in cls._IGNORED_ARGS:
+                continue
+            kind = cls._ARG_TYPES.get(key)
+            if kind is None:
+                raise ValueError(f"network_args: unknown key {key!r}; known: {sorted(cls._ARG_TYPES)}")
+            if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+                continue
+            if kind is bool:
+                kw[key] = value if isinstance(value, bool) else str(value).strip().lower() == "true"
+            elif kind in (int, float):
+                try:
+                    kw[key] = kind(float(value)) if kind is int else float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"network_args: {key}={value!r} is not a {kind.__name__}") from None
+            else:
+                kw[key] = value
+        if algo is not None:
+            kw["algo"] = algo
+        if network_dim is not None:
+            kw["network_dim"] = int(network_dim)
+        if network_alpha is not None:
+            kw["network_alpha"] = float(network_alpha)
+        return cls(**kw)  # type: ignore[arg-type]
+
+    def network_args(self) -> dict[str, str]:
+        """The options as sd-scripts-style strings (for `ss_network_args`); `from_network_args` reads them back."""
+        out: dict[str, str] = {"algo": self.algo}
+        defaults = NetworkConfig()
+        for key in self._ARG_TYPES:
+            value = getattr(self, key)
+            if key == "algo" or value == getattr(defaults, key):
+                continue
+            if key in ("exclude_patterns", "include_patterns"):
+                out[key] = repr(list(value))
+            elif key in ("network_reg_dims", "network_reg_lrs"):
+                out[key] = ",".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, bool):
+                out[key] = "true" if value else "false"
+            else:
+                out[key] = str(value)
+        return out
+
     def plus_ratio(self, part: str) -> float | None:
         """LoRA+ ratio of a part: the part-specific one, else the global one (sd-scripts' `or`)."""
         if part == "unet":
@@ -253,6 +314,52 @@ class AdapterNetwork(nn.Module):
                     ", ".join(f"{p} {n}" for p, n in net.counts().items()))
         return net
 
+    @classmethod
+    def from_file(cls, family: str | Family, parts: Mapping[str, nn.Module], tensors: Mapping[str, Tensor],
+                  config: NetworkConfig | None = None) -> "AdapterNetwork":
+        """Rebuild the network a file describes (any layout): each module's form and rank come from its tensors.
+
+        `config` supplies only dropouts, reg lrs and LoRA+ ratios. Modules whose layer is not in the given parts,
+        and keys naming no known layer, raise a ValueError listing them.
+        """
+        fam = get_family(family)
+        config = config or NetworkConfig()
+        net = cls(fam, config)
+        parsed, unknown = parse_keys(tensors, fam)
+        if unknown:
+            raise ValueError(f"{len(unknown)} file keys name no known {fam.title} layer (e.g. {unknown[:3]})")
+        grouped: dict[tuple[str, str], dict[str, Tensor]] = {}
+        for p in parsed:
+            grouped.setdefault((p.part, p.dotted), {})[p.param] = tensors[p.key]
+        if not grouped:
+            raise ValueError("the file has no adapter modules")
+        reg_lrs = [re.compile(p) for p in config.network_reg_lrs]
+        found: dict[str, tuple[dict[str, nn.Module], dict[str, str]]] = {}
+        absent = []
+        for (part, dotted), params in grouped.items():
+            if part not in parts:
+                absent.append(f"{part}:{dotted}")
+                continue
+            if part not in found:
+                live = dict(parts[part].named_modules())
+                found[part] = (live, match_part_names(fam, part, live)[1])
+            live, names = found[part]
+            if dotted not in names:
+                absent.append(f"{part}:{dotted}")
+                continue
+            layer = live[names[dotted]]
+            adapter = AdapterModule.from_params(params, layer, rank_dropout=config.rank_dropout,
+                                                module_dropout=config.module_dropout)
+            key = module_key(fam, part, dotted, "kohya")
+            reg_i = next((i for i, rx in enumerate(reg_lrs) if rx.fullmatch(dotted)), None)
+            net.adapters[key] = adapter
+            net.targets.append(Target(key, part, dotted, names[dotted], layer, adapter, adapter.rank,
+                                      float(adapter.alpha), reg_i))
+        if absent:
+            raise ValueError(f"{len(absent)} file modules have no layer in the given parts "
+                             f"{sorted(parts)} (e.g. {absent[:3]})")
+        return net
+
     def _warn(self, msg: str) -> None:
         self.warnings.append(msg)
         warnings.warn(msg, stacklevel=3)
@@ -286,6 +393,14 @@ class AdapterNetwork(nn.Module):
         for t in self.targets:
             out[t.part] = out.get(t.part, 0) + 1
         return out
+
+    def module_ranks(self) -> dict[str, int]:
+        """`{kohya module name: rank}` (for metadata)."""
+        return {t.key: t.adapter.rank for t in self.targets}
+
+    def module_alphas(self) -> dict[str, float]:
+        """`{kohya module name: alpha}` (each module keeps its own)."""
+        return {t.key: float(t.adapter.alpha) for t in self.targets}
 
     def set_multiplier(self, multiplier: float) -> None:
         for t in self.targets:

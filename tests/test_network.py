@@ -134,3 +134,26 @@ def test_param_groups_anima_lokr(anima):
     assert plus and all(n.split(".")[-1].startswith("lokr_w1") for n in plus)
     assert all(n.startswith("lora_te_") for n in plus)
     assert len(groups[2]["names"]) == sum(len(list(t.adapter.parameters())) for t in net.targets if t.part == "unet")
+
+
+def test_network_args_round_trip():
+    cfg = NetworkConfig(algo="lokr", network_dim=8, network_alpha=4.0, conv_dim=4, factor=8, decompose_both=True,
+                        exclude_patterns=[r".*\.mlp\..*"], include_patterns=[r"blocks\.0\.mlp\.layer1"],
+                        network_reg_dims={r"blocks\.(0|1)\..*": 16, r"layers\..*": 2},
+                        network_reg_lrs={r"blocks\.27\..*": 5e-5}, train_llm_adapter=True, loraplus_lr_ratio=4.0)
+    args = cfg.network_args()
+    assert args["conv_dim"] == "4" and args["conv_alpha"] == "1.0" and args["decompose_both"] == "true"
+    assert args["network_reg_dims"] == r"blocks\.(0|1)\..*=16,layers\..*=2"
+    assert "use_tucker" not in args and "rank_dropout" not in args
+    back = NetworkConfig.from_network_args(args, network_dim=8, network_alpha=4.0)
+    assert back == cfg
+    # sd-scripts' own strings (as in ss_network_args), with its ignored "dropout"
+    sd = NetworkConfig.from_network_args({"conv_dim": "8", "use_tucker": "True", "dropout": None,
+                                          "exclude_patterns": "['.*attn2.*']", "network_reg_lrs": "a=1e-4,b=2e-4"},
+                                         algo="loha", network_dim=16, network_alpha=8)
+    assert (sd.conv_dim, sd.conv_alpha, sd.use_tucker, sd.exclude_patterns) == (8, 1.0, True, [".*attn2.*"])
+    assert sd.network_reg_lrs == {"a": 1e-4, "b": 2e-4}
+    with pytest.raises(ValueError, match="network_args: unknown key 'block_dims'"):
+        NetworkConfig.from_network_args({"block_dims": "2,2,2"})
+    with pytest.raises(ValueError, match=r"network_args: conv_dim='eight' is not a int"):
+        NetworkConfig.from_network_args({"conv_dim": "eight"})

@@ -184,3 +184,18 @@ def test_loading_mismatches(anima):
     assert sorted(report.unexpected) == ["junk.alpha", "lora_unet_blocks_0_mlp_layer1.alpha"]
     with pytest.raises(ValueError, match="file does not fit the network: 196 network modules missing"):
         net.load_file_state({}, strict=True)
+
+
+def test_from_file_rebuilds_ranks_and_forms(anima):
+    parts = {"unet": anima["unet"]}
+    src = build("anima", parts, algo="lokr", network_dim=2, network_reg_dims={r"blocks\.0\..*": 3}, factor=4)
+    randomize(src, 5)
+    sd = src.file_state_dict("comfyui")
+    net = AdapterNetwork.from_file("anima", parts, sd)
+    assert net.module_ranks() == src.module_ranks() and net.module_ranks()["lora_unet_blocks_0_mlp_layer1"] == 3
+    assert net.module_alphas() == src.module_alphas()
+    kohya = src.file_state_dict()
+    got = net.file_state_dict()
+    assert got.keys() == kohya.keys() and all(torch.equal(got[k], kohya[k]) for k in kohya)
+    with pytest.raises(ValueError, match=r"196 file modules have no layer in the given parts \['unet'\]"):
+        AdapterNetwork.from_file("anima", parts, build("anima", {"te": anima["te"]}).file_state_dict())

@@ -325,12 +325,9 @@ class AdapterNetwork(nn.Module):
         fam = get_family(family)
         config = config or NetworkConfig()
         net = cls(fam, config)
-        parsed, unknown = parse_keys(tensors, fam)
+        grouped, _, unknown = _group_file(tensors, fam)
         if unknown:
             raise ValueError(f"{len(unknown)} file keys name no known {fam.title} layer (e.g. {unknown[:3]})")
-        grouped: dict[tuple[str, str], dict[str, Tensor]] = {}
-        for p in parsed:
-            grouped.setdefault((p.part, p.dotted), {})[p.param] = tensors[p.key]
         if not grouped:
             raise ValueError("the file has no adapter modules")
         reg_lrs = [re.compile(p) for p in config.network_reg_lrs]
@@ -450,12 +447,7 @@ class AdapterNetwork(nn.Module):
 
         `strict=True` raises when a network module is absent from the file or a file key is not used.
         """
-        parsed, unknown = parse_keys(tensors, self.family)
-        by_module: dict[tuple[str, str], dict[str, Tensor]] = {}
-        file_keys: dict[tuple[str, str], list[str]] = {}
-        for p in parsed:
-            by_module.setdefault((p.part, p.dotted), {})[p.param] = tensors[p.key]
-            file_keys.setdefault((p.part, p.dotted), []).append(p.key)
+        by_module, file_keys, unknown = _group_file(tensors, self.family)
         targets = {(t.part, t.dotted): t for t in self.targets}
         loaded, missing = [], []
         for where, t in targets.items():
@@ -512,6 +504,24 @@ class AdapterNetwork(nn.Module):
                                    "part": part, "kind": kind,
                                    "description": title + suffix + (" plus" if kind == "plus" else "")})
         return groups
+
+
+def _group_file(tensors: Mapping[str, Tensor], fam: Family):
+    """`({(part, dotted): {param: tensor}}, {(part, dotted): [file keys]}, unknown keys)`; a module spelled twice raises."""
+    parsed, unknown = parse_keys(tensors, fam)
+    by_module: dict[tuple[str, str], dict[str, Tensor]] = {}
+    file_keys: dict[tuple[str, str], list[str]] = {}
+    module_keys: dict[tuple[str, str], str] = {}
+    for p in parsed:
+        where = (p.part, p.dotted)
+        first = module_keys.setdefault(where, p.module_key)
+        if first != p.module_key:
+            raise ValueError(f"the file names layer {p.part}:{p.dotted} twice, as {first!r} and {p.module_key!r}")
+        if p.param in by_module.get(where, {}):
+            raise ValueError(f"the file holds {p.param} of {p.module_key!r} twice (key {p.key!r})")
+        by_module.setdefault(where, {})[p.param] = tensors[p.key]
+        file_keys.setdefault(where, []).append(p.key)
+    return by_module, file_keys, unknown
 
 
 def _rank_alpha(dotted: str, layer: nn.Module, config: NetworkConfig,

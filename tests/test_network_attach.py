@@ -94,7 +94,8 @@ def test_detach_restores_exactly(anima):
     q = dit.blocks[0].self_attn.q_proj
     custom = lambda x: nn.Linear.forward(q, x)  # noqa: E731  a forward someone patched before us
     q.forward = custom
-    net = build("anima", {"unet": dit}, algo="loha", train_llm_adapter=True)
+    net = build("anima", {"unet": dit}, algo="loha", train_llm_adapter=True, exclude_patterns=[r"blocks\.([4-9]|\d\d)\..*"])
+    assert net.counts() == {"unet": 4 * 10 + 60}
     randomize(net)
     net.attach()
     assert not torch.allclose(dit(*inputs), before)
@@ -199,3 +200,18 @@ def test_from_file_rebuilds_ranks_and_forms(anima):
     assert got.keys() == kohya.keys() and all(torch.equal(got[k], kohya[k]) for k in kohya)
     with pytest.raises(ValueError, match=r"196 file modules have no layer in the given parts \['unet'\]"):
         AdapterNetwork.from_file("anima", parts, build("anima", {"te": anima["te"]}).file_state_dict())
+
+
+def test_module_spelled_twice_is_refused(anima):
+    net = build("anima", {"te": anima["te"]}, algo="loha", network_dim=2)
+    sd = net.file_state_dict()
+    sd["text_encoders.qwen3_06b.transformer.model.layers.0.mlp.up_proj.alpha"] = torch.tensor(1.0)
+    with pytest.raises(ValueError, match=r"names layer te:layers.0.mlp.up_proj twice, as 'lora_te_layers_0_mlp_up_proj' and"):
+        net.load_file_state(sd)
+    with pytest.raises(ValueError, match="twice"):
+        AdapterNetwork.from_file("anima", {"te": anima["te"]}, sd)
+    sd = net.file_state_dict()
+    sd["lora_te_layers_0_mlp_up_proj.lora_A.weight"] = torch.zeros(2, 16)
+    sd["lora_te_layers_0_mlp_up_proj.lora_down.weight"] = torch.zeros(2, 16)
+    with pytest.raises(ValueError, match=r"holds lora_down.weight of 'lora_te_layers_0_mlp_up_proj' twice"):
+        net.load_file_state(sd)

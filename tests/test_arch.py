@@ -7,7 +7,7 @@ import pytest
 from torch import nn
 
 from hadakron.arch import ANIMA, SDXL, get_family
-from tests.models import adaptable_layers, anima_parts, full_size_parts_on_meta, sdxl_parts
+from tests.models import adaptable_layers, anima_parts, full_size_layers, full_size_parts_on_meta, sdxl_parts
 
 # sd-scripts' target class names, and the classes of our test models that play them
 SD_SCRIPTS_TARGETS = {
@@ -47,6 +47,20 @@ def test_full_size_shapes_match_the_real_structure(family, meta_models):
     fam = get_family(family)
     for part, model in meta_models[family].items():
         assert adaptable_layers(model) == fam.layer_shapes(part), part
+
+
+def test_full_size_layer_lists():
+    # every known Linear/Conv2d: SDXL UNet 722 transformer + 66 conv-mode + 6 never targeted (time/label emb,
+    # conv_in, out.2); CLIP-G adds text_projection; Anima 28x16 block + 6 embed/final + 60 adapter + out_proj
+    sizes = {(f, p): len(full_size_layers(f, p)) for f, p in
+             [("sdxl", "unet"), ("sdxl", "te1"), ("sdxl", "te2"), ("anima", "unet"), ("anima", "te")]}
+    assert sizes == {("sdxl", "unet"): 722 + 66 + 6, ("sdxl", "te1"): 72, ("sdxl", "te2"): 193,
+                     ("anima", "unet"): 28 * 16 + 6 + 60 + 1, ("anima", "te"): 196}
+    n_params = sum(s[0] * s[1] * (s[2] * s[3] if len(s) == 4 else 1) for s in full_size_layers("anima", "unet").values())
+    assert n_params == 28 * (4 * 2048 * 2048 + 2 * 2048 * 2048 + 2 * 2048 * 1024 + 2 * 8192 * 2048
+                             + 3 * (256 * 2048 + 6144 * 256)) \
+        + 2048 * 68 + 2048 * 2048 + 6144 * 2048 + 64 * 2048 + 256 * 2048 + 4096 * 256 \
+        + 6 * (8 * 1024 * 1024 + 2 * 4096 * 1024) + 1024 * 1024
 
 
 def test_known_full_size_shapes():

@@ -13,6 +13,8 @@ import sys
 
 NODE_MODULES = (
     "loader",
+    "trainer", "save_adapter",
+    "merge",
 )
 
 # ComfyUI imports the pack from custom_nodes/<pack>/ without putting that folder on sys.path; the library

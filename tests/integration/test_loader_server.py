@@ -1,0 +1,31 @@
+"""The real ComfyUI server with the pack in custom_nodes lists the loader nodes in /object_info."""
+from __future__ import annotations
+
+import json
+import urllib.request
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_object_info_lists_loader_nodes(comfy_server):
+    info = _get(comfy_server["url"] + "/object_info")
+    assert "HadakronLoader" in info and "HadakronLoaderModelOnly" in info, \
+        comfy_server["log"].read_text()[-3000:]
+    full, model_only = info["HadakronLoader"], info["HadakronLoaderModelOnly"]
+    assert full["display_name"] == "LoHa/LoKr Loader"
+    assert model_only["display_name"] == "LoHa/LoKr Loader (Model Only)"
+    assert full["category"] == model_only["category"] == "loaders/hadakron"
+    assert full["output"] == ["MODEL", "CLIP", "STRING"] and full["output_name"] == ["MODEL", "CLIP", "report"]
+    assert model_only["output"] == ["MODEL", "STRING"]
+    req, opt = full["input"]["required"], full["input"]["optional"]
+    assert list(req) == ["model", "clip", "lora_name", "strength_model", "strength_clip"]
+    assert set(opt) == {"block_weights", "adapter"} and opt["adapter"][0] == "HADAKRON_ADAPTER"
+    for name, spec in list(req.items()) + list(opt.items()):
+        assert spec[1].get("tooltip"), f"input {name} has no tooltip"
+    assert "clip" not in model_only["input"]["required"]
+    # the per-node route answers too, and the pack was imported from custom_nodes/hadakron
+    one = _get(comfy_server["url"] + "/object_info/HadakronLoader")
+    assert one["HadakronLoader"]["python_module"].endswith("hadakron")

@@ -56,6 +56,8 @@ def test_known_spellings_sdxl():
         "lora_unet_middle_block_1_proj_in": ("unet", "middle_block.1.proj_in", "kohya"),
         "lora_unet_output_blocks_2_2_conv": ("unet", "output_blocks.2.2.conv", "kohya"),
         "lora_unet_label_emb_0_0": ("unet", "label_emb.0.0", "kohya"),
+        "lora_unet_class_embedding_linear_1": ("unet", "label_emb.0.0", "diffusers"),
+        "unet.add_embedding.linear_2": ("unet", "label_emb.0.2", "diffusers"),
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ("te1", "text_model.encoder.layers.0.self_attn.q_proj", "kohya"),
         "lora_te_text_model_encoder_layers_0_self_attn_q_proj": ("te1", "text_model.encoder.layers.0.self_attn.q_proj", "kohya"),
         "lora_te2_text_model_encoder_layers_31_mlp_fc2": ("te2", "text_model.encoder.layers.31.mlp.fc2", "kohya"),
@@ -146,6 +148,7 @@ def _expected_sgm(diff: str) -> str:
 
 
 def test_diffusers_table_follows_the_structure():
+    # (also checked once against ComfyUI v0.29's comfy.utils.unet_to_diffusers for SDXL: 794 of 794 agree)
     assert len(DIFFUSERS_TO_SGM) == len(SDXL.layers["unet"]) == 794
     assert set(DIFFUSERS_TO_SGM.values()) == set(SDXL.layers["unet"])
     for diff, sgm in DIFFUSERS_TO_SGM.items():

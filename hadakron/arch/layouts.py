@@ -182,14 +182,16 @@ def _rules() -> list[_Rule]:
 
 
 _RULES = _rules()
-_DIFF_JOINED = {k.replace(".", "_"): v for k, v in DIFFUSERS_TO_SGM.items()}
+# read-only aliases (ComfyUI accepts them too): SDXL's add_embedding is also called class_embedding
+_DIFF_READ = {**DIFFUSERS_TO_SGM, "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2"}
+_DIFF_JOINED = {k.replace(".", "_"): v for k, v in _DIFF_READ.items()}
 
 
 def _diffusers_dotted(name: str) -> str | None:
     name = name.replace(".processor.", ".")
     if name.endswith(".to_out"):
         name += ".0"
-    return DIFFUSERS_TO_SGM.get(name)
+    return _DIFF_READ.get(name)
 
 
 def _resolve(fam: Family, rule: _Rule, rest: str) -> tuple[str, str] | None:

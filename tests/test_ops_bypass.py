@@ -181,3 +181,33 @@ def test_bypass_runs_in_the_input_dtype():
     assert y.dtype == torch.bfloat16
     ref = F.linear(x.to(D), torch.kron(w1.to(torch.bfloat16).to(D), w2.to(torch.bfloat16).to(D)))
     torch.testing.assert_close(y.to(D), ref, rtol=2e-2, atol=5e-2)
+
+
+# ---- fused frozen Linear + LoKr --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("w2_kind", ["full", "lowrank", "tucker"])
+def test_lokr_linear_fused_matches_linear_plus_materialised(w2_kind):
+    from hadakron.ops import lokr_linear
+    a, c, b, d = 3, 4, 5, 6
+    x = leaf(2, 3, c * d)
+    weight, bias = leaf(a * b, c * d), leaf(a * b)
+    w1 = leaf(a, c)
+    if w2_kind == "full":
+        t = [leaf(b, d)]
+        f2, m2 = Full(t[0]), t[0]
+    elif w2_kind == "lowrank":
+        t = [leaf(b, 2), leaf(2, d)]
+        f2, m2 = LowRank(*t), t[0] @ t[1]
+    else:
+        t = [leaf(2, 3), leaf(2, b), leaf(3, d)]  # a core without kernel axes
+        f2, m2 = Tucker(*t), torch.einsum("ij,ip,jq->pq", t[0], t[1], t[2])
+    y = lokr_linear(x, weight, bias, Full(w1), f2, 0.5)
+    y_ref = F.linear(x, weight, bias) + F.linear(x, torch.kron(w1, m2) * 0.5)
+    assert_same(y, y_ref, [x, weight, bias, w1, *t])
+
+
+def test_lokr_linear_gradcheck_with_frozen_weight():
+    from hadakron.ops import lokr_linear
+    x, w1, w2a, w2b = leaf(3, 6), leaf(2, 2), leaf(3, 1), leaf(1, 3)
+    weight = torch.randn(6, 6, dtype=D)
+    assert torch.autograd.gradcheck(
+        lambda *t: lokr_linear(t[0], weight, None, t[1], LowRank(t[2], t[3]), 0.5), (x, w1, w2a, w2b))

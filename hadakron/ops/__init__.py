@@ -7,7 +7,10 @@ bypass products `lokr_bypass_linear`, `lokr_bypass_conv2d`, `loha_bypass` (see `
 """
 
 from .autograd import HadaWeight, hada_weight, hada_weight_tucker
-from .bypass import hada_lora_pair, loha_bypass, loha_bypass_mode, lokr_bypass_conv2d, lokr_bypass_linear
+from .bypass import (
+    hada_lora_pair, loha_bypass, loha_bypass_mode, lokr_bypass_conv2d, lokr_bypass_linear, lokr_linear,
+)
+from .kron_linear import KronLinear
 from .factorization import factorization
 from .factors import Factor, Full, LowRank, Tucker, as_factor
 from .params import (
@@ -31,5 +34,5 @@ __all__ = [
     "Factor", "Full", "LowRank", "Tucker", "as_factor",
     "loha_delta", "lokr_delta", "kron_into", "hada_product",
     "HadaWeight", "hada_weight", "hada_weight_tucker",
-    "lokr_bypass_linear", "lokr_bypass_conv2d", "loha_bypass", "loha_bypass_mode", "hada_lora_pair",
+    "lokr_bypass_linear", "lokr_linear", "KronLinear", "lokr_bypass_conv2d", "loha_bypass", "loha_bypass_mode", "hada_lora_pair",
 ]

@@ -6,6 +6,8 @@ it, differentiably), because training runs in the model's compute dtype. Only gr
 
 - `lokr_bypass_linear(x, w1, w2, scale)`: x (..., c*d) -> (..., a*b) with W1 (a, c), W2 (b, d), by the
   Kronecker-vector identity y = vec(W1 X W2^T), X = x viewed (c, d).
+- `lokr_linear(x, weight, bias, w1, w2, scale)`: the frozen Linear and the LoKr term in one autograd node
+  (`KronLinear`), which accumulates into the layer's output and input gradient: the fastest training path.
 - `lokr_bypass_conv2d(x, w1, w2, scale, stride, padding, dilation, kernel_size=None)`: the c input groups are
   folded into the batch, W2 runs as a conv (full, low-rank 1x1-after-kxk, or Tucker 1x1/kxk/1x1 chain), then W1
   mixes the groups.
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .autograd import HadaWeight
+from .kron_linear import KronLinear
 from .factors import Factor, LowRank, Tucker, as_factor
 from .rebuild import low_rank_pair
 
@@ -43,10 +46,15 @@ def _cast(f: Factor, x: torch.Tensor) -> Factor:
 
 
 def _mix_groups(w1: Factor, h: torch.Tensor) -> torch.Tensor:
-    """h (N, c, m) -> (N, a, m): applies W1 (a, c) across the group axis."""
-    if isinstance(w1, LowRank):
-        return torch.matmul(w1.a, torch.matmul(w1.b2d(), h))
-    return torch.matmul(w1.matrix(), h)
+    """h (N, c, m) -> (N, a, m): applies W1 (a, c) across the group axis.
+
+    Done as one transpose copy and one large GEMM (batched small GEMMs are far slower on CPU); the result is a
+    transposed view, so the caller's next reshape makes it contiguous.
+    """
+    n, c, m = (int(s) for s in h.shape)
+    ht = h.transpose(1, 2).reshape(n * m, c)
+    yt = w1.linear(ht)  # (N*m, a)
+    return yt.view(n, m, -1).transpose(1, 2)
 
 
 def _w1_2d(w1: Factor) -> Factor:
@@ -57,18 +65,38 @@ def _w1_2d(w1: Factor) -> Factor:
     return w1
 
 
-def lokr_bypass_linear(x: torch.Tensor, w1, w2, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """scale * x @ kron(W1, W2)^T without building the product: x (..., c*d) -> (..., a*b)."""
+def _kron_linear_inputs(x: torch.Tensor, w1, w2, scale):
     f1, f2 = _w1_2d(_cast(as_factor(w1), x)), _cast(as_factor(w2), x)
     c, d = f1.cols, f2.cols
     if x.shape[-1] != c * d:
         raise ValueError(f"LoKr bypass: input width {x.shape[-1]} != W1 cols {c} x W2 cols {d}")
+    m1 = f1.matrix()
     if not _is_one(scale):
-        f1 = f1.scaled(scale)
-    lead = x.shape[:-1]
-    h = f2.linear(x.reshape(-1, c, d))  # (N, c, b)
-    y = _mix_groups(f1, h)  # (N, a, b)
-    return y.reshape(*lead, f1.rows * f2.rows)
+        m1 = m1 * scale
+    if isinstance(f2, (LowRank, Tucker)):
+        p2, q2 = low_rank_pair(f2)  # W2 = p2 (b, r) @ q2 (r, d)
+    else:
+        p2, q2 = None, f2.matrix()
+    return m1, q2, p2
+
+
+def lokr_bypass_linear(x: torch.Tensor, w1, w2, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """scale * x @ kron(W1, W2)^T without building the product: x (..., c*d) -> (..., a*b)."""
+    m1, q2, p2 = _kron_linear_inputs(x, w1, w2, scale)
+    return KronLinear.apply(x, None, None, m1, q2, p2)
+
+
+def lokr_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w1, w2, scale: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) + scale * x @ kron(W1, W2)^T in one autograd node (the frozen layer fused in:
+    the LoKr term is accumulated into the layer's output and input gradient, saving two full-size passes)."""
+    m1, q2, p2 = _kron_linear_inputs(x, w1, w2, scale)
+    if weight.dtype != x.dtype or weight.device != x.device:
+        weight = weight.to(dtype=x.dtype, device=x.device)
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
+        bias = bias.to(dtype=x.dtype, device=x.device)
+    return KronLinear.apply(x, weight, bias, m1, q2, p2)
 
 
 def _kernel_of(f: Factor, in_channels: int, kernel_size) -> tuple[int, int]:
@@ -182,5 +210,5 @@ def loha_bypass(
 
 
 __all__ = [
-    "lokr_bypass_linear", "lokr_bypass_conv2d", "loha_bypass", "loha_bypass_mode", "hada_lora_pair",
+    "lokr_bypass_linear", "lokr_linear", "lokr_bypass_conv2d", "loha_bypass", "loha_bypass_mode", "hada_lora_pair",
 ]

@@ -4,7 +4,7 @@
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { LossHistory } from "./lib/loss_history.js";
+import { LossHistory, firstStepOfFinal } from "./lib/loss_history.js";
 import { buildSeries, seriesFromJSON, seriesToJSON } from "./lib/loss_series.js";
 import { drawLossChart, statusText } from "./lib/chart_draw.js";
 import { LOADER_NODES, LOSS_EVENT, TRAINER_NODES, parseLossEvent, parseLossOutput, parseReportOutput } from "./lib/payloads.js";
@@ -251,7 +251,7 @@ function applyTrainerOutput(node, output, fromExecuted) {
     return;
   }
   state.lastOutputKey = key;
-  state.history.setFinal(parsed.losses, parsed.firstStep);
+  state.history.setFinal(parsed.losses, firstStepOfFinal(state.history, parsed.losses.length, parsed.firstStep));
   state.live = false;
   persistSeries(state);
   scheduleDraw(state);

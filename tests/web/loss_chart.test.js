@@ -2,7 +2,7 @@
 import test from "node:test";
 import assert from "node:assert/strict";
 
-import { LossHistory } from "../../web/lib/loss_history.js";
+import { LossHistory, firstStepOfFinal } from "../../web/lib/loss_history.js";
 import { buildSeries, seriesFromJSON, seriesToJSON } from "../../web/lib/loss_series.js";
 import { chartLayout, drawLossChart, statusText } from "../../web/lib/chart_draw.js";
 
@@ -49,6 +49,19 @@ test("LossHistory.resume continues a saved unfinished run", () => {
   assert.deepEqual(h.steps, [1, 5, 9, 10]);
   assert.deepEqual(h.losses, [0.9, 0.7, 0.6, 0.55]);
   assert.throws(() => h.resume([1], [], 0), RangeError);
+});
+
+test("firstStepOfFinal: explicit first_step, else the live run's end, else 1", () => {
+  const h = new LossHistory();
+  assert.equal(firstStepOfFinal(h, 5, null), 1);
+  assert.equal(firstStepOfFinal(h, 5, 41), 41);
+  // a run resumed at step 100 and followed live to step 150 ends with 50 losses: steps 101..150
+  for (let s = 101; s <= 150; s++) h.addEvent(ev(s, 0.1, 150));
+  assert.equal(firstStepOfFinal(h, 50, null), 101);
+  assert.equal(firstStepOfFinal(h, 50, 7), 7);
+  assert.equal(firstStepOfFinal(h, 400, null), 1, "more losses than live steps: start at 1");
+  h.setFinal([1, 2, 3]);
+  assert.equal(firstStepOfFinal(h, 3, null), 1, "a finished history says nothing about the next output");
 });
 
 test("buildSeries smooths over the whole run, then downsamples both curves", () => {

@@ -44,14 +44,14 @@ test("parseLossEvent maps NaN/inf spellings and rejects malformed events", () =>
 });
 
 test("parseLossOutput reads the JSON string in the ui list, including Python's NaN/Infinity", () => {
-  assert.deepEqual(parseLossOutput({ hadakron_loss: ['{"loss": [0.5, 0.25, 0.125]}'] }), { losses: [0.5, 0.25, 0.125], firstStep: 1 });
+  assert.deepEqual(parseLossOutput({ hadakron_loss: ['{"loss": [0.5, 0.25, 0.125]}'] }), { losses: [0.5, 0.25, 0.125], firstStep: null });
   const withNaN = parseLossOutput({ hadakron_loss: ['{"loss": [1.0, NaN, -Infinity, 2.0], "first_step": 51}'] });
   assert.equal(withNaN.firstStep, 51);
   assert.equal(withNaN.losses[0], 1);
   assert.ok(Number.isNaN(withNaN.losses[1]) && Number.isNaN(withNaN.losses[2]));
   assert.equal(withNaN.losses[3], 2);
   // an already-decoded object (e.g. restored by another path) is accepted too
-  assert.deepEqual(parseLossOutput({ hadakron_loss: [{ loss: [3] }] }), { losses: [3], firstStep: 1 });
+  assert.deepEqual(parseLossOutput({ hadakron_loss: [{ loss: [3] }] }), { losses: [3], firstStep: null });
 });
 
 test("parseLossOutput returns null for anything else", () => {

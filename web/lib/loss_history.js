@@ -82,3 +82,16 @@ export class LossHistory {
     this.finished = true;
   }
 }
+
+/**
+ * Step number of the first loss of a final curve of `count` losses. The output's own first_step wins; without
+ * it a run that was followed live ends at its last live step (a resumed run starts after step 1), else 1.
+ * @param {LossHistory} history the live history before the final curve replaces it
+ * @param {number} count number of final losses
+ * @param {number | null} explicit first_step from the output, or null
+ */
+export function firstStepOfFinal(history, count, explicit) {
+  if (Number.isInteger(explicit) && explicit >= 0) return explicit;
+  if (history.length && !history.finished && history.lastStep >= count) return history.lastStep - count + 1;
+  return 1;
+}

@@ -62,9 +62,10 @@ function firstJSON(value) {
 
 /**
  * The final loss curve from a trainer's ui output {"hadakron_loss": ['{"loss": [...]}']}.
- * Returns the losses (null entries become NaN) and the step of the first one (key "first_step", default 1).
+ * Returns the losses (null entries become NaN) and the step of the first one (key "first_step"; null when the
+ * output does not say, see firstStepOfFinal).
  * @param {unknown} output the ui dict passed to onExecuted
- * @returns {{losses: number[], firstStep: number} | null}
+ * @returns {{losses: number[], firstStep: number | null} | null}
  */
 export function parseLossOutput(output) {
   if (!output || typeof output !== "object") return null;
@@ -76,7 +77,7 @@ export function parseLossOutput(output) {
     if (n === undefined) return null;
     losses.push(n);
   }
-  const firstStep = Number.isInteger(obj.first_step) && obj.first_step >= 0 ? obj.first_step : 1;
+  const firstStep = Number.isInteger(obj.first_step) && obj.first_step >= 0 ? obj.first_step : null;
   return { losses, firstStep };
 }
 

@@ -45,6 +45,10 @@ class HadakronWeightPatch(WeightAdapterBase):
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         """Patch `weight` in place (ComfyUI's contract) and return it; the math runs in float32 on its device."""
+        with torch.no_grad():
+            return self._patch(weight, strength, function)
+
+    def _patch(self, weight, strength, function):
         params = self.params(weight.device)
         if "dora_scale" in params:
             new = ops.patched_weight(weight, params, strength, dtype=torch.float32)

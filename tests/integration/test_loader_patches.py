@@ -290,3 +290,42 @@ def test_load_models_gpu_path_on_cpu(comfy_env, pack_nodes, small_sdxl, write_lo
     sd = small_sdxl.model.state_dict()
     for key in modules:
         assert torch.equal(sd[key], orig[key]), f"{key} not restored after unload"
+
+
+def _dora_reference(w, params, shape, strength, row_wise):
+    """W + strength * (W_d - W), W_d = (W + dW) * m / ||W + dW|| (per output row or per input column), float64."""
+    w = w.double()
+    wc = w + reference_delta(params, shape)
+    m = params["dora_scale"].double()
+    if row_wise:
+        norm = wc.reshape(wc.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (wc.dim() - 1))
+    else:
+        norm = wc.transpose(0, 1).reshape(wc.shape[1], -1).norm(dim=1).reshape(1, -1, *[1] * (wc.dim() - 2))
+    return w + strength * (wc * m / norm - w)
+
+
+@pytest.mark.parametrize("row_wise", [False, True])
+def test_dora_scale(row_wise, comfy_env, pack_nodes, small_sdxl, write_lora):
+    layers = [l for l in _layers("sdxl", small_sdxl, None) if len(l[3]) == 2][:12]
+    g = torch.Generator().manual_seed(31)
+    tensors, modules = {}, {}
+    for part, dotted, ckey, shape, _ in layers:
+        params = make_params("loha", tuple(shape), g, rank=2, alpha=1.0)
+        w = small_sdxl.model.state_dict()[ckey].double()
+        norm = (w.norm(dim=1, keepdim=True) if row_wise else w.norm(dim=0, keepdim=True))
+        params["dora_scale"] = (norm * (1 + 0.1 * torch.rand(norm.shape, generator=g, dtype=torch.float64))).float()
+        for k, v in params.items():
+            tensors[f"{_kohya_key('sdxl', part, dotted)}.{k}"] = v
+        modules[ckey] = (params, tuple(shape))
+    name = write_lora(f"dora_{row_wise}.safetensors", tensors)
+    s = 0.7
+    ours_model = pack_nodes.HadakronLoaderModelOnly().load_model_only(small_sdxl, name, s)["result"][0]
+    ours = patched_weights(ours_model, list(modules))
+    theirs_model, _ = comfy_env.comfy.sd.load_lora_for_models(small_sdxl, None, tensors, s, 0.0)
+    theirs = patched_weights(theirs_model, list(modules))
+    for key, (params, shape) in modules.items():
+        w = small_sdxl.model.state_dict()[key]
+        ref = _dora_reference(w, params, shape, s, row_wise)
+        assert torch.allclose(ours[key].double(), ref, atol=1e-4), key
+        if not row_wise:  # ComfyUI takes the row-wise norm of the original W (section 1.6); column-wise agrees
+            assert torch.allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-5), key

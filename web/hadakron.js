@@ -7,7 +7,15 @@ import { api } from "../../scripts/api.js";
 import { LossHistory, firstStepOfFinal } from "./lib/loss_history.js";
 import { buildSeries, seriesFromJSON, seriesToJSON } from "./lib/loss_series.js";
 import { drawLossChart, statusText } from "./lib/chart_draw.js";
-import { LOADER_NODES, LOSS_EVENT, TRAINER_NODES, parseLossEvent, parseLossOutput, parseReportOutput } from "./lib/payloads.js";
+import {
+  LOADER_NODES,
+  LOSS_EVENT,
+  TEXT_NODES,
+  TRAINER_NODES,
+  parseLossEvent,
+  parseLossOutput,
+  parseReportOutput,
+} from "./lib/payloads.js";
 import { formatReport, reportText } from "./lib/report_format.js";
 
 const EXTENSION_NAME = "hadakron.ui";
@@ -26,6 +34,9 @@ const STYLE = `
 .hadakron-loss canvas { flex: 1 1 auto; min-height: 0; width: 100%; border-radius: 4px; display: block; }
 .hadakron-loss .hadakron-status { flex: 0 0 auto; font: 11px monospace; color: #c8c8c8; white-space: nowrap;
   overflow: hidden; text-overflow: ellipsis; }
+.hadakron-loss .hadakron-message { flex: 0 0 auto; font: 11px monospace; color: #ffb86b; white-space: nowrap;
+  overflow: hidden; text-overflow: ellipsis; }
+.hadakron-loss .hadakron-message:empty { display: none; }
 .hadakron-loss .hadakron-legend { flex: 0 0 auto; font: 10px sans-serif; color: #9a9a9a; }
 .hadakron-loss .hadakron-legend b { font-weight: normal; }
 .hadakron-report { width: 100%; height: 100%; box-sizing: border-box; overflow: auto; font: 11px monospace;
@@ -106,7 +117,9 @@ function setupTrainer(node) {
   const status = document.createElement("div");
   status.className = "hadakron-status";
   status.textContent = "waiting for training";
-  root.append(canvas, legend, status);
+  const message = document.createElement("div");
+  message.className = "hadakron-message";
+  root.append(canvas, legend, status, message);
 
   const widget = node.addDOMWidget(CHART_WIDGET, "hadakron-loss-chart", root, {
     serialize: false,
@@ -122,6 +135,7 @@ function setupTrainer(node) {
     root,
     canvas,
     status,
+    message,
     history: new LossHistory(),
     /** Series shown when there is no live history (restored from properties). */
     restored: null,
@@ -230,7 +244,7 @@ function onLossEvent(event) {
     // the node was re-created mid-run (workflow tab switched or reloaded): continue the stored curve
     state.history.resume(saved.raw.xs, saved.raw.ys, saved.total);
   }
-  state.history.addEvent(ev);
+  if (state.history.addEvent(ev) || state.history.length === 1) state.message.textContent = "";
   state.live = true;
   state.lastOutputKey = null; // the run's final output must be applied even if it equals the previous one
   scheduleDraw(state);
@@ -251,6 +265,9 @@ function applyTrainerOutput(node, output, fromExecuted) {
     return;
   }
   state.lastOutputKey = key;
+  const text = parseReportOutput({ text: output.text })?.text ?? "";
+  state.message.textContent = text;
+  state.message.title = text;
   state.history.setFinal(parsed.losses, firstStepOfFinal(state.history, parsed.losses.length, parsed.firstStep));
   state.live = false;
   persistSeries(state);
@@ -279,12 +296,12 @@ function endOfRun() {
 
 // ------------------------------------------------------------------ loader: report
 
-function setupLoader(node) {
+function setupReport(node, placeholder) {
   if (node.__hadakronReport) return;
   injectStyle();
   const root = document.createElement("div");
   root.className = "hadakron-report";
-  root.textContent = "the load report appears here after a run";
+  root.textContent = placeholder;
   const state = { node, widget: null, root, lastOutputKey: null, height: 60 };
   const widget = node.addDOMWidget(REPORT_WIDGET, "hadakron-report", root, {
     serialize: false,
@@ -341,7 +358,7 @@ function renderReport(root, parsed) {
   );
 }
 
-function applyLoaderOutput(node, output) {
+function applyReportOutput(node, output) {
   const state = node.__hadakronReport;
   if (!state || !output) return;
   if (output.hadakron_report === undefined && output.text === undefined) return;
@@ -397,12 +414,15 @@ app.registerExtension({
       chain(nodeType.prototype, "onExecuted", function (output) {
         applyTrainerOutput(this, output, true);
       });
-    } else if (LOADER_NODES.includes(nodeData?.name)) {
+    } else if (LOADER_NODES.includes(nodeData?.name) || TEXT_NODES.includes(nodeData?.name)) {
+      const placeholder = LOADER_NODES.includes(nodeData.name)
+        ? "the load report appears here after a run"
+        : "the result appears here after a run";
       chain(nodeType.prototype, "onNodeCreated", function () {
-        setupLoader(this);
+        setupReport(this, placeholder);
       });
       chain(nodeType.prototype, "onExecuted", function (output) {
-        applyLoaderOutput(this, output);
+        applyReportOutput(this, output);
       });
     }
   },
@@ -410,11 +430,12 @@ app.registerExtension({
   /** Outputs restored from the queue/history panel arrive here, keyed by node id. */
   onNodeOutputsUpdated(nodeOutputs) {
     for (const [id, output] of Object.entries(nodeOutputs ?? {})) {
-      if (!output || (output.hadakron_loss === undefined && output.hadakron_report === undefined)) continue;
+      if (!output || typeof output !== "object") continue;
+      if (output.hadakron_loss === undefined && output.hadakron_report === undefined && output.text === undefined) continue;
       const node = findNode(id);
       if (!node) continue;
       if (chartState(node)) applyTrainerOutput(node, output, false);
-      else if (node.__hadakronReport) applyLoaderOutput(node, output);
+      else if (node.__hadakronReport) applyReportOutput(node, output);
     }
   },
 });

@@ -300,7 +300,8 @@ def test_extensions_listing_has_our_modules_only(server):
 
 def test_nodes_are_registered(server):
     info = _get(server + "/object_info")
-    for name in ("HadakronLoKrTrainer", "HadakronLoHaTrainer", "HadakronLoader", "HadakronLoaderModelOnly"):
+    for name in ("HadakronLoKrTrainer", "HadakronLoHaTrainer", "HadakronLoader", "HadakronLoaderModelOnly",
+                 "HadakronSaveAdapter", "HadakronAdapterMerge", "HadakronAdapterCombine"):
         assert name in info, f"{name} missing from /object_info"
 
 
@@ -345,15 +346,17 @@ def test_trainer_live_chart_final_curve_and_reload(page):
 
     # the run ends: executed message with the final curve (100 steps)
     final = [1.0 / (1 + 0.05 * s) for s in range(1, 101)]
-    output = {"hadakron_loss": [json.dumps({"loss": final})]}
+    output = {"hadakron_loss": [json.dumps({"loss": final})], "text": ["trained to step 100; final loss 0.1667"]}
     page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(
         {"node": node_id, "display_node": node_id, "output": output, "prompt_id": "p1"}))
     done = page.wait_for("""(() => {
       const el = window.__hk.widgetEl(window.__hk.trainer, 'hadakron_loss_chart');
       const txt = el.querySelector('.hadakron-status').textContent;
-      return txt.includes('done') ? { txt, prop: window.__hk.trainer.properties.hadakron_loss_curve } : null;
+      return txt.includes('done') ? { txt, prop: window.__hk.trainer.properties.hadakron_loss_curve,
+        message: el.querySelector('.hadakron-message').textContent } : null;
     })()""", timeout=20, what="the final curve")
     assert "step 100 / 100" in done["txt"], done["txt"]
+    assert done["message"] == "trained to step 100; final loss 0.1667"
     assert done["prop"]["count"] == 100 and done["prop"]["finished"] is True
     assert done["prop"]["raw"]["xs"][0] == 1 and done["prop"]["raw"]["xs"][-1] == 100
 
@@ -370,6 +373,8 @@ def test_trainer_live_chart_final_curve_and_reload(page):
       return txt.includes('step 2 / 10') ? txt : null;
     })()""", timeout=20, what="the second run's live chart")
     assert "done" not in rerun and "loss 0.4" in rerun, rerun
+    assert page.eval("""window.__hk.widgetEl(window.__hk.trainer, 'hadakron_loss_chart')
+      .querySelector('.hadakron-message').textContent""") == "", "a new run clears the last run's message"
     page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(
         {"node": node_id, "display_node": node_id, "output": output, "prompt_id": "p1b"}))
     page.wait_for("""window.__hk.widgetEl(window.__hk.trainer, 'hadakron_loss_chart')
@@ -478,4 +483,18 @@ def test_loader_shows_report(page):
         {"node": node_id, "display_node": node_id, "output": {"text": ["plain report line"]}, "prompt_id": "p4"}))
     page.wait_for("""window.__hk.widgetEl(window.__hk.loader, 'hadakron_report_view').innerText.includes('plain report line')""",
                   timeout=20, what="the text-only report")
+    assert _our_problems(page) == []
+
+
+@pytest.mark.parametrize("node_type", ["HadakronSaveAdapter", "HadakronAdapterMerge", "HadakronAdapterCombine"])
+def test_text_result_nodes_show_their_text(page, node_type):
+    page.eval(HELPERS_JS)
+    node_id = page.eval("(() => { const n = window.__hk.add(%s, [40, 700]); window.__hk.textNode = n; return String(n.id); })()"
+                        % json.dumps(node_type))
+    text = f"{node_type}: saved loras/hadakron/adapter_00001_.safetensors\nsecond line"
+    page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(
+        {"node": node_id, "display_node": node_id, "output": {"text": [text]}, "prompt_id": "t"}))
+    shown = page.wait_for("""(() => { const el = window.__hk.widgetEl(window.__hk.textNode, 'hadakron_report_view');
+      return el && el.innerText.includes('second line') ? el.innerText : null; })()""", timeout=20, what="the text result")
+    assert text.splitlines()[0] in shown
     assert _our_problems(page) == []

@@ -5,6 +5,8 @@
 export const LOSS_EVENT = "hadakron.loss";
 export const TRAINER_NODES = Object.freeze(["HadakronLoKrTrainer", "HadakronLoHaTrainer"]);
 export const LOADER_NODES = Object.freeze(["HadakronLoader", "HadakronLoaderModelOnly"]);
+/** Nodes whose ui "text" (what was saved / merged / combined) is shown on the node. */
+export const TEXT_NODES = Object.freeze(["HadakronSaveAdapter", "HadakronAdapterMerge", "HadakronAdapterCombine"]);
 
 /**
  * A "hadakron.loss" event detail {node, step, total, loss, lr} with types checked. loss may be NaN/Infinity

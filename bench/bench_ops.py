@@ -215,7 +215,7 @@ def bench_bypass(args):
                     ly = lambda: ly_loha.bypass_forward_diff(  # noqa: E731
                         x, None, p["hada_w1_b"].reshape(r, -1) if not k or "hada_t1" in p else p["hada_w1_b"].reshape(r, inn, *k),
                         p["hada_w1_a"], p["hada_w2_b"].reshape(r, -1) if not k or "hada_t1" in p else p["hada_w2_b"].reshape(r, inn, *k),
-                        p["hada_w2_a"], g("hada_t1"), g("hada_t2"), gamma=scale, extra_args=extra, backend="torch")
+                        p["hada_w2_a"], g("hada_t1"), g("hada_t2"), gamma=torch.tensor(scale), extra_args=extra, backend="torch")
                     tokens = x.shape[0] * (32 * 32 if k else 1)
                     cols = inn * (9 if k else 1)
                     note = "mode " + loha_bypass_mode(tokens, out, cols, r, r)

@@ -12,7 +12,7 @@ import torch
 from .factors import Factor, LowRank, Tucker, as_factor
 
 # Elements of the per-chunk temporary in the LoHa rebuild (and its backward): small enough to stay in cache.
-HADA_CHUNK_ELEMENTS = 1 << 16
+HADA_CHUNK_ELEMENTS = 1 << 18
 
 
 def low_rank_pair(f: Factor) -> tuple[torch.Tensor, torch.Tensor]:

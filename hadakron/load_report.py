@@ -85,6 +85,7 @@ class LoadReport:
     strengths: dict[str, float] = field(default_factory=dict)
     block_weights: str = ""
     patches_added: int = 0
+    zero_strength: int = 0  # matched modules left out because their (block-weighted) strength is 0
 
     # ------------------------------------------------------------ summaries
     def counts_by_part(self) -> dict[str, int]:
@@ -131,6 +132,7 @@ class LoadReport:
             "strengths": dict(self.strengths),
             "block_weights": self.block_weights,
             "patches_added": self.patches_added,
+            "zero_strength": self.zero_strength,
         }
 
     def to_json(self) -> str:
@@ -312,7 +314,7 @@ def build_load_report(
         hit = resolver(module_key)
         if hit is None:
             unmatched.append(UnmatchedKey(module_key, "unknown_module",
-                                          f"not a {family.upper()} layer name in any known key layout"))
+                                          f"not a known {family.upper()} layer name in any key layout"))
             continue
         part, dotted, layout = hit
         if part not in loaded:

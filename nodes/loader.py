@@ -167,6 +167,7 @@ def apply_adapter(model, clip, adapter, strength_model: float, strength_clip: fl
         base = strength_clip if on_clip else strength_model
         strength = float(base) * bw.strength(block_id(family, m.part, m.dotted))
         if strength == 0.0:
+            report.zero_strength += 1
             continue
         patch = HadakronWeightPatch.from_params(m.params, loaded_keys={f"{m.module_key}.{p}" for p in m.params})
         target = clip_patches if on_clip else model_patches
@@ -193,7 +194,8 @@ def _ui(report: LoadReport, text: str) -> dict:
 
 
 def _report_text(report: LoadReport) -> str:
-    return report.to_text() + f"\npatches added: {report.patches_added}"
+    zero = f" ({report.zero_strength} matched modules at strength 0)" if report.zero_strength else ""
+    return report.to_text() + f"\npatches added: {report.patches_added}{zero}"
 
 
 # ---------------------------------------------------------------- nodes

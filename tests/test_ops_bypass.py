@@ -23,7 +23,7 @@ def ref_tucker(t, a, b):
 
 def grads(y, tensors, seed=7):
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
-    return torch.autograd.grad(y, tensors, g)
+    return torch.autograd.grad(y, tensors, g, retain_graph=True)
 
 
 def assert_same(y, y_ref, tensors):
@@ -89,6 +89,11 @@ def test_lokr_bypass_conv2d_matches_materialised(kind, conv_args):
     dw = torch.kron(w1[:, :, None, None], m2.contiguous()) * 1.25  # torch.kron needs contiguous input
     y_ref = F.conv2d(x, dw, None, **conv_args)
     assert_same(y, y_ref, [x, w1, *t])
+    # W1 decomposed (decompose_both): same product through its two factors
+    w1a, w1b = leaf(a, 1), leaf(1, c)
+    y = lokr_bypass_conv2d(x, LowRank(w1a, w1b), f2, 1.25, **conv_args)
+    y_ref = F.conv2d(x, torch.kron((w1a @ w1b)[:, :, None, None], m2.contiguous()) * 1.25, None, **conv_args)
+    assert_same(y, y_ref, [x, w1a, w1b, *t])
 
 
 def test_lokr_bypass_conv2d_needs_kernel_for_non_square_flat():

@@ -258,3 +258,13 @@ def test_agrees_with_lycoris_lokr_diff_weight_except_tucker_scale():
     pt = {"lokr_w1": w1, "lokr_t2": t2, "lokr_w2_a": ta, "lokr_w2_b": tb, "alpha": torch.tensor(3.0)}
     ly = lokr.diff_weight(w1, None, None, None, ta, tb, t2, gamma=3.0, backend="torch")
     torch.testing.assert_close(delta_weight(pt, dtype=D) * (3 / 5), ly)
+
+
+def test_scale_edge_cases_missing_alpha_zero_alpha_and_lora_rank():
+    p = {"lokr_w1": rnd(2, 2), "lokr_w2_a": rnd(4, 2), "lokr_w2_b": rnd(2, 4)}
+    assert module_rank(p) == 2 and module_scale(p) == 1.0  # no alpha: scale 1 whatever the rank
+    torch.testing.assert_close(delta_weight(p, dtype=D), torch.kron(p["lokr_w1"], p["lokr_w2_a"] @ p["lokr_w2_b"]))
+    assert module_scale(dict(p, alpha=torch.tensor(0.0))) == 0.0  # ComfyUI's rule: alpha 0 means scale 0
+    lora = {"lora_up.weight": rnd(3, 5, 1, 1), "lora_down.weight": rnd(5, 2, 3, 3), "alpha": torch.tensor(2.5)}
+    assert module_rank(lora) == 5 and module_scale(lora) == pytest.approx(0.5)
+    assert algorithm_of({"alpha": torch.tensor(1.0)}) is None and module_rank({}) is None

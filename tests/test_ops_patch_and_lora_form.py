@@ -146,3 +146,10 @@ def test_lora_form_lora_passthrough_with_mid():
     pm = {"lora_up.weight": rnd(6, 2, 1, 1), "lora_mid.weight": rnd(2, 2, 3, 3), "lora_down.weight": rnd(2, 4, 1, 1),
           "alpha": torch.tensor(2.0)}
     assert check_form(pm, (6, 4, 3, 3), 2) == 2
+
+
+def test_lora_form_half_inputs_compute_in_float32():
+    p = {k: v.to(torch.float16) for k, v in loha_params(out=20, cols=30, r=2).items()}
+    up, down = lora_form(p, (20, 30))
+    assert up.dtype == torch.float32 and down.dtype == torch.float32
+    torch.testing.assert_close((up.to(D) @ down.to(D)), ref_loha({k: v.to(D) for k, v in p.items()}), rtol=1e-5, atol=1e-5)

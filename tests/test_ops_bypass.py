@@ -155,7 +155,9 @@ def test_hada_weight_tucker_gradcheck():
     torch.testing.assert_close(hada_weight_tucker(*t, 1.5), ref)
 
 
-def test_hada_weight_chunked_backward_on_a_tall_matrix():
+def test_hada_weight_chunked_backward_on_a_tall_matrix(monkeypatch):
+    import hadakron.ops.rebuild as rebuild
+    monkeypatch.setattr(rebuild, "HADA_CHUNK_ELEMENTS", 4096)  # 600 rows of 250 -> 38 chunks
     a1, b1, a2, b2 = leaf(600, 3), leaf(3, 250), leaf(600, 4), leaf(4, 250)
     y = hada_weight(a1, b1, a2, b2, 0.3)
     y_ref = (a1 @ b1) * (a2 @ b2) * 0.3

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .factors import Tucker
-from .rebuild import HADA_CHUNK_ELEMENTS, hada_product
+from . import rebuild
+from .rebuild import hada_product
 
 
 class HadaWeight(torch.autograd.Function):
@@ -33,7 +34,7 @@ class HadaWeight(torch.autograd.Function):
         g2a = w2a.new_empty(w2a.shape) if need[2] else None
         g1b = torch.zeros_like(w1b) if need[1] else None
         g2b = torch.zeros_like(w2b) if need[3] else None
-        step = max(1, min(rows, HADA_CHUNK_ELEMENTS // max(1, cols)))
+        step = max(1, min(rows, rebuild.HADA_CHUNK_ELEMENTS // max(1, cols)))
         for lo in range(0, rows, step):
             hi = min(rows, lo + step)
             g = grad[lo:hi] * s if s != 1.0 else grad[lo:hi]

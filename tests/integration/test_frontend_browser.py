@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -263,7 +264,11 @@ window.__hk = {
   },
   // Feeds a message through the real WebSocket 'message' handler of the api (type filtering included).
   ws(type, data) {
-    this.api.socket.dispatchEvent(new MessageEvent("message", { data: JSON.stringify({ type, data }) }));
+    this.wsRaw(JSON.stringify({ type, data }));
+  },
+  // The same with the exact text the server sends (Python's json.dumps of {"type", "data"}).
+  wsRaw(text) {
+    this.api.socket.dispatchEvent(new MessageEvent("message", { data: text }));
   },
   widgetEl(node, name) {
     const w = node.widgets.find((w) => w.name === name);
@@ -497,4 +502,91 @@ def test_text_result_nodes_show_their_text(page, node_type):
     shown = page.wait_for("""(() => { const el = window.__hk.widgetEl(window.__hk.textNode, 'hadakron_report_view');
       return el && el.innerText.includes('second line') ? el.innerText : null; })()""", timeout=20, what="the text result")
     assert text.splitlines()[0] in shown
+    assert _our_problems(page) == []
+
+
+# ---------------------------------------------------------------- real payloads made by the Python nodes
+
+
+def _server_text(msg_type: str, data) -> str:
+    """What PromptServer.send_json puts on the socket (aiohttp's default dumps is json.dumps)."""
+    return json.dumps({"type": msg_type, "data": data})
+
+
+def test_real_loader_ui_output_renders(page, pack_nodes, small_sdxl, small_sdxl_clip, write_lora):
+    """The loader node's own ui dict (a real run on a small SDXL built with ComfyUI's classes) shows as the report."""
+    import torch
+    from hadakron.comfy_keys import layer_shapes
+
+    shapes = layer_shapes("sdxl", {k: v.shape for k, v in small_sdxl.model.state_dict().items()}, clip=False)
+    candidates = sorted(d for (part, d), shp in shapes.items() if part == "unet" and len(shp) == 2 and ".attn1.to_" in d)
+    assert len(candidates) >= 4, candidates
+    linear, mismatch = candidates[:3], candidates[3]
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for dotted in linear:
+        out, cin = shapes[("unet", dotted)]
+        key = "lora_unet_" + dotted.replace(".", "_")
+        tensors[f"{key}.lokr_w1"] = torch.randn(2, 2, generator=g)
+        tensors[f"{key}.lokr_w2_a"] = torch.randn(out // 2, 2, generator=g)
+        tensors[f"{key}.lokr_w2_b"] = torch.randn(2, cin // 2, generator=g)
+        tensors[f"{key}.alpha"] = torch.tensor(2.0)
+    tensors["lora_unet_not_a_layer_at_all.lokr_w1"] = torch.randn(2, 2, generator=g)
+    tensors["lora_unet_not_a_layer_at_all.lokr_w2"] = torch.randn(4, 4, generator=g)
+    out, cin = shapes[("unet", mismatch)]
+    bad = "lora_unet_" + mismatch.replace(".", "_")
+    tensors[f"{bad}.lokr_w1"] = torch.randn(2, 2, generator=g)
+    tensors[f"{bad}.lokr_w2"] = torch.randn(out // 2 + 1, cin // 2, generator=g)  # one row too many
+    name = write_lora("frontend_report.safetensors", tensors,
+                      {"ss_network_module": "lycoris.kohya", "ss_network_dim": "2", "ss_network_alpha": "2"})
+    res = pack_nodes.HadakronLoader().load(small_sdxl, small_sdxl_clip, name, 1.0, 1.0, "")
+    ui = res["ui"]
+    report = json.loads(ui["hadakron_report"][0])
+    applied, unapplied = report["matched_count"], report["unmatched_count"]
+    assert applied == 3 and unapplied == 2, report
+
+    page.eval(HELPERS_JS)
+    node_id = page.eval("(() => { const n = window.__hk.add('HadakronLoader', [1200, 40]); window.__hk.realLoader = n; return String(n.id); })()")
+    text = _server_text("executed", {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": "real"})
+    page.eval("window.__hk.wsRaw(%s) || true" % json.dumps(text))
+    shown = page.wait_for("""(() => { const el = window.__hk.widgetEl(window.__hk.realLoader, 'hadakron_report_view');
+      const h = el.querySelector('.hadakron-headline');
+      return h ? { head: h.textContent, text: el.innerText } : null; })()""", timeout=20, what="the real report")
+    warns = len(report["problems"])
+    expected = f"SDXL \u00b7 3/{applied + unapplied} applied \u00b7 {unapplied} not applied"
+    expected += f" \u00b7 {warns} warning{'s' if warns > 1 else ''}" if warns else ""
+    assert shown["head"] == expected, (shown["head"], report["problems"])
+    for problem in report["problems"]:
+        assert problem[:60] in shown["text"], problem
+    assert "lora_unet_not_a_layer_at_all" in shown["text"]
+    assert bad in shown["text"] and "shape mismatch 1" in shown["text"], shown["text"]
+    assert "file: frontend_report.safetensors" in shown["text"]
+    assert _our_problems(page) == []
+
+
+def test_real_trainer_loss_messages_render(page, pack, monkeypatch):
+    """The trainer's own _send_loss payloads, serialised as the server does, drive the chart."""
+    import importlib
+    import types
+
+    trainer = importlib.import_module(pack.__name__ + ".nodes.trainer")
+    sent = []
+
+    class FakePromptServer:
+        instance = types.SimpleNamespace(send_sync=lambda event, data, sid=None: sent.append((event, data)))
+
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=FakePromptServer))
+    page.eval(HELPERS_JS)
+    node_id = page.eval("(() => { const n = window.__hk.add('HadakronLoKrTrainer', [1200, 500]); window.__hk.realTrainer = n; return String(n.id); })()")
+    for step in range(1, 26):
+        trainer._send_loss(node_id, step, 25, 0.5 / step ** 0.5, 1e-4 * (1 - step / 25))
+    assert len(sent) == 25 and sent[0][0] == "hadakron.loss", sent[:1]
+    texts = [_server_text(event, data) for event, data in sent]
+    page.eval("(() => { for (const t of %s) window.__hk.wsRaw(t); return true; })()" % json.dumps(texts))
+    got = page.wait_for("""(() => { const el = window.__hk.widgetEl(window.__hk.realTrainer, 'hadakron_loss_chart');
+      const txt = el.querySelector('.hadakron-status').textContent;
+      return txt.includes('step 25 / 25') ? { txt, points: el.dataset.points } : null; })()""", timeout=20,
+                        what="the chart fed by the trainer's payloads")
+    assert got["points"] == "25"
+    assert "loss 0.1" in got["txt"], got  # 0.5 / 5 = 0.1
     assert _our_problems(page) == []

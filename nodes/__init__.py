@@ -14,6 +14,7 @@ import sys
 NODE_MODULES = (
     "loader",
     "trainer", "save_adapter",
+    "trainer", "save_adapter",
     "merge",
 )
 

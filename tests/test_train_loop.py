@@ -423,3 +423,37 @@ def test_mixed_precision_trains(dtype):
     _, fp32 = _run(make_lokr, init=_nonzero_init, steps=12, lr=1e-2)
     assert result.losses[0] == pytest.approx(fp32.losses[0], rel=0.05)
     assert sum(result.losses[-3:]) / 3 == pytest.approx(sum(fp32.losses[-3:]) / 3, rel=0.1)
+
+
+def test_interrupt_raised_inside_a_step_autosaves_last_completed_step():
+    """ComfyUI raises its interrupt from inside the model's ops: the step in flight is dropped, the last
+    completed one is autosaved (once), then the exception propagates."""
+
+    class Interrupted(Exception):
+        pass
+
+    def wrap(call):
+        count = {"n": 0}
+
+        def inner(noisy, t, batch):
+            count["n"] += 1
+            if count["n"] == 5:  # during the 5th step (one call per step)
+                raise Interrupted("cancel")
+            return call(noisy, t, batch)
+        return inner
+
+    saves = []
+    with pytest.raises(Interrupted):
+        _run(make_lokr, init=_nonzero_init, steps=10, model_call_wrap=wrap, save_every=4,
+             callbacks=TrainCallbacks(interrupt_exceptions=(Interrupted,),
+                                      autosave=lambda s, snap: saves.append((s, snap.adapter_tensors()))))
+    assert [s for s, _ in saves] == [4]
+    ref_net, _ = _run(make_lokr, init=_nonzero_init, steps=4)
+    for key, value in ref_net.file_state_dict().items():
+        assert torch.equal(saves[0][1][key], value)
+    # other errors are not interrupts: no autosave
+    saves.clear()
+    with pytest.raises(Interrupted):
+        _run(make_lokr, steps=10, model_call_wrap=wrap,
+             callbacks=TrainCallbacks(autosave=lambda s, snap: saves.append(s)))
+    assert saves == []

@@ -75,12 +75,18 @@ class TrainConfig:
 
 @dataclass
 class TrainCallbacks:
-    """Optional hooks. `interrupt()` runs before every step: return True (or raise) to stop after an autosave."""
+    """Optional hooks. `interrupt()` runs before every step: return True (or raise) to stop after an autosave.
+
+    `interrupt_exceptions`: exception types that mean "the user stopped the run" when raised anywhere in a
+    step (ComfyUI raises its interrupt inside every op): the last completed step is autosaved, then the
+    exception propagates.
+    """
 
     progress: Callable[[int, int], None] | None = None
     loss: Callable[[int, float, float], None] | None = None
     autosave: Callable[[int, "TrainSnapshot"], None] | None = None
     interrupt: Callable[[], bool | None] | None = None
+    interrupt_exceptions: tuple[type[BaseException], ...] = ()
 
 
 @dataclass
@@ -238,12 +244,18 @@ def train(
     def snapshot(step: int) -> TrainSnapshot:
         return TrainSnapshot(step, network, optimizer, optimizer_name, scaler, losses)
 
+    saved_steps: set[int] = set()
+
+    def autosave(step: int) -> None:
+        if callbacks.autosave is not None and step > start and step not in saved_steps:
+            saved_steps.add(step)
+            callbacks.autosave(step, snapshot(step))
+
     try:
         for step in range(start, config.steps):
             stop, exc = _interrupted(callbacks)
             if stop:
-                if callbacks.autosave is not None and done > start:
-                    callbacks.autosave(done, snapshot(done))
+                autosave(done)
                 if exc is not None:
                     raise exc
                 stop_reason, message = "interrupted", f"interrupted before step {step + 1}/{config.steps}; kept step {done}"
@@ -301,8 +313,12 @@ def train(
                 callbacks.loss(done, step_loss, lr)
             if callbacks.progress is not None:
                 callbacks.progress(done, config.steps)
-            if config.save_every and done % config.save_every == 0 and done < config.steps and callbacks.autosave:
-                callbacks.autosave(done, snapshot(done))
+            if config.save_every and done % config.save_every == 0 and done < config.steps:
+                autosave(done)
+    except callbacks.interrupt_exceptions:
+        optimizer.zero_grad(set_to_none=True)  # a step cut short: params are still those of step `done`
+        autosave(done)
+        raise
     finally:
         if schedule_free:
             optimizer.eval()

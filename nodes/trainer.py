@@ -1,0 +1,285 @@
+"""LoKr Trainer / LoHa Trainer nodes: train an adapter inside the graph with hadakron.train.
+
+Adapters run in bypass form beside the model's own layers (base weights never written); noise, sigmas and
+targets come from the model's `model_sampling`; the loss is MSE on the model's own prediction (eps, v or
+flow velocity). Progress, interrupt and the live loss go to ComfyUI every step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from hadakron.io import AdapterFile, build_metadata, read_adapter
+from hadakron.io.module_checks import group_modules
+from hadakron.network import AdapterNetwork, NetworkConfig
+from hadakron.train import (
+    SCHEDULERS,
+    ResumeState,
+    TrainCallbacks,
+    TrainConfig,
+    available_optimizers,
+    read_training_state,
+    resume_step,
+    sidecar_path,
+)
+
+from .loader import apply_adapter, model_family
+from .save_adapter import ADAPTER_TYPE, CATEGORY, save_adapter
+from .trainer_runtime import checkpoint_blocks, run_training
+
+log = logging.getLogger("hadakron")
+LOSS_EVENT = "hadakron.loss"
+DTYPES = ("bf16", "fp16", "fp32")
+NONE = "none"
+
+
+def _first(value):
+    """Inputs arrive as lists (INPUT_IS_LIST); scalars are their first element."""
+    return value[0] if isinstance(value, list) else value
+
+
+def flatten_latents(latents: list) -> list[torch.Tensor]:
+    """Every LATENT in the list, split along its batch dim: one (C, ...) tensor per training sample."""
+    out = []
+    for latent in latents:
+        samples = latent["samples"] if isinstance(latent, dict) else latent
+        out += [s.clone().float() for s in samples]
+    if not out:
+        raise ValueError("the trainer got no latents")
+    return out
+
+
+def expand_conditioning(positive: list, count: int) -> list:
+    """One conditioning entry per sample: a single conditioning is shared; a list must match the latents."""
+    flat = []
+    for cond in positive:
+        if isinstance(cond, list):
+            flat.extend(cond)
+        else:
+            flat.append(cond)
+    if len(flat) == 1:
+        return flat * count
+    if len(flat) != count:
+        raise ValueError(f"got {len(flat)} conditionings for {count} latents; give one, or one per latent")
+    return flat
+
+
+def _send_loss(node_id, step: int, total: int, loss: float, lr: float) -> None:
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(LOSS_EVENT, {"node": node_id, "step": step, "total": total, "loss": loss, "lr": lr})
+
+
+def _network_config(algo: str, kw: dict) -> NetworkConfig:
+    return NetworkConfig(
+        algo=algo, network_dim=kw["network_dim"], network_alpha=kw["network_alpha"],
+        conv_dim=kw["conv_dim"] or None, conv_alpha=kw["conv_alpha"] if kw["conv_dim"] else None,
+        factor=kw.get("factor", -1), decompose_both=kw.get("decompose_both", False),
+        use_tucker=kw["use_tucker"], use_scalar=kw["use_scalar"], rank_dropout=kw["rank_dropout"],
+        module_dropout=kw["module_dropout"], exclude_patterns=kw["exclude_patterns"],
+        include_patterns=kw["include_patterns"], network_reg_dims=kw["network_reg_dims"],
+        network_reg_lrs=kw["network_reg_lrs"], train_llm_adapter=kw["train_llm_adapter"],
+        loraplus_lr_ratio=kw["loraplus_lr_ratio"] or None,
+    )
+
+
+def _metadata(algo, family, net: AdapterNetwork, kw: dict, step: int, count: int, losses: list[float], tensors):
+    training = {
+        "steps": step, "max_train_steps": kw["steps"], "learning_rate": kw["learning_rate"],
+        "optimizer": kw["optimizer"], "lr_scheduler": kw["scheduler"], "lr_warmup_steps": kw["warmup_steps"],
+        "seed": kw["seed"], "train_batch_size": kw["batch_size"], "num_train_images": count,
+        "gradient_accumulation_steps": kw["grad_accum_steps"], "max_grad_norm": kw["max_grad_norm"],
+        "mixed_precision": kw["training_dtype"], "training_comment": "trained in ComfyUI with hadakron",
+    }
+    args = {"rank_dropout": kw["rank_dropout"], "module_dropout": kw["module_dropout"],
+            "use_scalar": kw["use_scalar"], "train_llm_adapter": kw["train_llm_adapter"]}
+    meta = build_metadata(
+        algorithm=algo, family=family, network_dim=kw["network_dim"], network_alpha=kw["network_alpha"],
+        conv_dim=kw["conv_dim"] or None, conv_alpha=kw["conv_alpha"] if kw["conv_dim"] else None,
+        factor=kw.get("factor", -1), use_tucker=kw["use_tucker"], decompose_both=kw.get("decompose_both", False),
+        module_ranks={t.key: t.rank for t in net.targets}, module_alphas={t.key: t.alpha for t in net.targets},
+        network_args=args, training=training, tensors=tensors,
+    )
+    meta["hadakron.step"] = str(step)
+    if losses:
+        meta["hadakron.final_loss"] = repr(float(losses[-1]))
+    return meta
+
+
+def _adapter_file(tensors, metadata, training_state=None) -> AdapterFile:
+    adapter = AdapterFile(path=None, tensors=tensors, metadata=metadata, modules=group_modules(tensors), problems=[])
+    adapter.training_state = training_state
+    return adapter
+
+
+def _resume(net: AdapterNetwork, name: str, family: str):
+    """Load `name` from the loras folder into the network; ResumeState with the sidecar when there is one."""
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ValueError(f"resume_from {name!r} is not in the loras folder")
+    adapter = read_adapter(path)
+    step = resume_step(adapter.metadata, source=name)
+    try:
+        net.load_file_state(adapter.tensors, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"resume_from {name!r} does not fit the network built from these settings "
+                         f"(same algorithm, dims, factor, Tucker, patterns?): {exc}") from None
+    side = sidecar_path(path)
+    if side.exists():
+        tensors, meta = read_training_state(side)
+        return ResumeState(step, tensors, meta)
+    log.info("hadakron: resuming %s from step %d without optimizer state (no %s)", name, step, side.name)
+    return ResumeState(step)
+
+
+def _common_inputs(lokr: bool) -> dict:
+    req = {
+        "model": ("MODEL", {"tooltip": "SDXL or Anima model to train on (its own objective is used)."}),
+        "latents": ("LATENT", {"tooltip": "Training latents (VAE Encode or a dataset node); batches are split."}),
+        "positive": ("CONDITIONING", {"tooltip": "One conditioning for all latents, or one per latent."}),
+        "steps": ("INT", {"default": 200, "min": 1, "max": 1000000, "tooltip": "Total optimizer steps "
+                                                                                  "(a resumed run counts its earlier steps)."}),
+        "batch_size": ("INT", {"default": 1, "min": 1, "max": 256}),
+        "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-8, "max": 10.0, "step": 1e-6}),
+        "optimizer": (available_optimizers(), {"default": "AdamW"}),
+        "scheduler": (list(SCHEDULERS), {"default": "constant"}),
+        "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+        "network_dim": ("INT", {"default": 8 if lokr else 4, "min": 1, "max": 100000}),
+        "network_alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100000.0, "step": 0.01}),
+    }
+    if lokr:
+        req["factor"] = ("INT", {"default": -1, "min": -1, "max": 1024,
+                                  "tooltip": "Kronecker factor; -1 picks the most square split."})
+        req["decompose_both"] = ("BOOLEAN", {"default": False})
+    req.update({
+        "use_tucker": ("BOOLEAN", {"default": False}),
+        "use_scalar": ("BOOLEAN", {"default": False}),
+        "conv_dim": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "0: no 3x3 conv adapters."}),
+        "conv_alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100000.0, "step": 0.01}),
+        "rank_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01}),
+        "module_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        "exclude_patterns": ("STRING", {"default": "", "multiline": True, "tooltip": "Regexes (one per line) of "
+                                                                                    "layer names to leave out."}),
+        "include_patterns": ("STRING", {"default": "", "multiline": True}),
+        "network_reg_dims": ("STRING", {"default": "", "tooltip": "regex=dim, comma separated"}),
+        "network_reg_lrs": ("STRING", {"default": "", "tooltip": "regex=lr, comma separated"}),
+        "loraplus_lr_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.1,
+                                        "tooltip": "0: off."}),
+        "train_llm_adapter": ("BOOLEAN", {"default": False, "tooltip": "Anima: also train the LLM adapter."}),
+        "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "One checkpoint per block."}),
+        "training_dtype": (list(DTYPES), {"default": "bf16"}),
+        "grad_accum_steps": ("INT", {"default": 1, "min": 1, "max": 1024}),
+        "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.01,
+                                    "tooltip": "0: no clipping."}),
+        "weight_decay": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 10.0, "step": 0.001}),
+        "save_every": ("INT", {"default": 0, "min": 0, "max": 1000000,
+                               "tooltip": "Autosave into output/loras every N steps (0: off)."}),
+        "autosave_prefix": ("STRING", {"default": "hadakron/autosave"}),
+        "resume_from": ([NONE] + folder_paths.get_filename_list("loras"), {"default": NONE}),
+    })
+    return {"required": req, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+
+class _Trainer:
+    ALGORITHM = ""
+    CATEGORY = CATEGORY
+    INPUT_IS_LIST = True
+    RETURN_TYPES = (ADAPTER_TYPE, "MODEL", "LOSS_MAP")
+    RETURN_NAMES = ("adapter", "model", "loss")
+    OUTPUT_IS_LIST = (False, False, False)
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+
+    def train(self, model, latents, positive, unique_id=None, **inputs):
+        kw = {k: _first(v) for k, v in inputs.items()}
+        model, node_id = _first(model), _first(unique_id)
+        algo = self.ALGORITHM
+        family = model_family(model)
+        with torch.inference_mode(False), torch.enable_grad():
+            samples = flatten_latents(latents)
+            conds = expand_conditioning(positive, len(samples))
+            mp = model.clone()
+            dm = mp.model.diffusion_model
+            dm.requires_grad_(False)
+            net = AdapterNetwork.build(family, {"unet": dm}, _network_config(algo, kw), device=mp.load_device)
+            resume = _resume(net, kw["resume_from"], family) if kw["resume_from"] != NONE else None
+            config = TrainConfig(
+                steps=kw["steps"], batch_size=kw["batch_size"], learning_rate=kw["learning_rate"],
+                optimizer=kw["optimizer"], weight_decay=kw["weight_decay"], scheduler=kw["scheduler"],
+                warmup_steps=kw["warmup_steps"], grad_accum_steps=kw["grad_accum_steps"],
+                max_grad_norm=kw["max_grad_norm"], dtype=kw["training_dtype"], seed=kw["seed"],
+                save_every=kw["save_every"],
+            )
+            pbar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
+            losses: list[float] = []
+
+            def on_loss(step, loss, lr):
+                losses.append(loss)
+                _send_loss(node_id, step, config.steps, loss, lr)
+
+            def autosave(step, snap):
+                tensors = snap.adapter_tensors()
+                meta = _metadata(algo, family, net, kw, step, len(samples), losses, tensors)
+                path = save_adapter(_adapter_file(tensors, meta, snap.training_state()),
+                                    f"{kw['autosave_prefix']}_step{step:06d}")
+                log.info("hadakron: autosaved step %d to %s", step, path)
+
+            callbacks = TrainCallbacks(
+                progress=lambda step, total: pbar.update_absolute(step, total),
+                loss=on_loss,
+                autosave=autosave,
+                interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                interrupt_exceptions=(comfy.model_management.InterruptProcessingException,),
+            )
+            blocks = checkpoint_blocks(dm, family, llm_adapter=kw["train_llm_adapter"])
+            result = run_training(mp, net, samples, conds, config, callbacks, resume=resume, blocks=blocks,
+                                  gradient_checkpoint=kw["gradient_checkpointing"])
+            snap = result.snapshot
+            tensors = snap.adapter_tensors()
+            meta = _metadata(algo, family, net, kw, result.step, len(samples), result.losses, tensors)
+            adapter = _adapter_file(tensors, meta, snap.training_state())
+        if result.stop_reason != "completed":
+            log.warning("hadakron: %s", result.message)
+        model_out = apply_adapter(model, None, adapter, 1.0, 0.0, source=f"{algo} trainer")[0]
+        loss_map = {"loss": list(result.losses)}
+        text = result.message or (f"trained to step {result.step}; final loss {result.losses[-1]:.5g}"
+                                  if result.losses else f"no steps trained (step {result.step})")
+        return {"ui": {"hadakron_loss": [json.dumps({"loss": list(result.losses)})], "text": [text]},
+                "result": (adapter, model_out, loss_map)}
+
+
+class HadakronLoKrTrainer(_Trainer):
+    """Train a LoKr (Kronecker) adapter on SDXL or Anima inside the graph."""
+
+    ALGORITHM = "lokr"
+    DESCRIPTION = "Trains a LoKr adapter with the model's own objective; outputs the adapter, the adapted model and the loss."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _common_inputs(lokr=True)
+
+
+class HadakronLoHaTrainer(_Trainer):
+    """Train a LoHa (Hadamard) adapter on SDXL or Anima inside the graph."""
+
+    ALGORITHM = "loha"
+    DESCRIPTION = "Trains a LoHa adapter with the model's own objective; outputs the adapter, the adapted model and the loss."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _common_inputs(lokr=False)
+
+
+NODE_CLASS_MAPPINGS = {"HadakronLoKrTrainer": HadakronLoKrTrainer, "HadakronLoHaTrainer": HadakronLoHaTrainer}
+NODE_DISPLAY_NAME_MAPPINGS = {"HadakronLoKrTrainer": "LoKr Trainer", "HadakronLoHaTrainer": "LoHa Trainer"}

@@ -1,0 +1,203 @@
+"""What the trainer nodes need from ComfyUI: the model's own sampling objective, conds per batch through a
+guider, per-block gradient checkpointing, a differentiable stand-in for comfy_kitchen's fused RMS+RoPE op,
+and the run itself (hadakron.train.train inside a guider's sampler slot).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import torch
+import torch.utils.checkpoint
+
+import comfy.model_management
+import comfy.samplers
+from comfy_extras.nodes_train import TrainGuider, make_batch_extra_option_dict, process_cond_list
+
+from hadakron.train import LatentDataset, ModelSamplingObjective, TrainCallbacks, TrainConfig, train
+
+log = logging.getLogger("hadakron")
+
+
+# ---------------------------------------------------------------- objective from model_sampling
+
+
+def model_sampling_objective(model_sampling, *, weight: Callable | None = None) -> ModelSamplingObjective:
+    """Noise scaling, sigma sampling and the raw-output target from the model's own `model_sampling`.
+
+    Sigma: `percent_to_sigma(u)` for u uniform (timesteps uniform for SDXL, shifted t for Anima's flow).
+    """
+
+    def sigma_for_uniform(u: torch.Tensor) -> torch.Tensor:
+        u = u.clamp(1e-5, 1.0 - 1e-5)
+        return torch.tensor([float(model_sampling.percent_to_sigma(float(x))) for x in u.tolist()],
+                            dtype=torch.float32)
+
+    return ModelSamplingObjective(
+        sigma_for_uniform,
+        noise_scaling=lambda s, noise, x0: model_sampling.noise_scaling(s, noise, x0, False),
+        denoise=lambda s, out, xt: model_sampling.calculate_denoised(s, out, xt),
+        weight=weight,
+    )
+
+
+def raw_output_from_denoised(model_sampling, sigma: torch.Tensor, denoised: torch.Tensor, noisy: torch.Tensor):
+    """Invert `calculate_denoised` (affine in the model output) to get the raw prediction back, in float32."""
+    noisy = noisy.float()
+    offset = model_sampling.calculate_denoised(sigma, torch.zeros_like(noisy), noisy).float()
+    slope = model_sampling.calculate_denoised(sigma, torch.ones_like(noisy), noisy).float() - offset
+    return (denoised.float() - offset) / slope
+
+
+# ---------------------------------------------------------------- comfy_kitchen fused op
+
+
+def rms_rope_split_half(q, k, freqs_cis, q_scale, k_scale=None, epsilon: float = 1e-6):
+    """Per-head RMSNorm then split-half RoPE (pair i = elements i and i + d/2), with autograd.
+
+    Same math as comfy_kitchen's `rms_rope_split_half` (which has no backward).
+    """
+    k_scale = q_scale if k_scale is None else k_scale
+
+    def one(x, scale):
+        x_norm = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight=scale, eps=epsilon)
+        t = x_norm.reshape(*x_norm.shape[:-1], 2, -1).movedim(-2, -1).unsqueeze(-2).to(freqs_cis.dtype)
+        out = freqs_cis[..., 0] * t[..., 0] + freqs_cis[..., 1] * t[..., 1]
+        return out.movedim(-1, -2).reshape(*x.shape).type_as(x)
+
+    return one(q, q_scale), one(k, k_scale)
+
+
+class _DifferentiableKitchen:
+    """comfy_kitchen with its fused RMS+RoPE op replaced by a differentiable one; everything else delegated."""
+
+    def __init__(self, kitchen) -> None:
+        self._kitchen = kitchen
+
+    def __getattr__(self, name):
+        return getattr(self._kitchen, name)
+
+    rms_rope_split_half = staticmethod(rms_rope_split_half)
+
+
+@contextlib.contextmanager
+def differentiable_kitchen():
+    """While training, route `comfy.quant_ops.ck.rms_rope_split_half` (Anima) through autograd; restore after."""
+    try:
+        import comfy.quant_ops as quant_ops
+    except ImportError:
+        yield
+        return
+    kitchen = getattr(quant_ops, "ck", None)
+    if kitchen is None or not hasattr(kitchen, "rms_rope_split_half") or isinstance(kitchen, _DifferentiableKitchen):
+        yield
+        return
+    quant_ops.ck = _DifferentiableKitchen(kitchen)
+    try:
+        yield
+    finally:
+        quant_ops.ck = kitchen
+
+
+# ---------------------------------------------------------------- gradient checkpointing per block
+
+
+def checkpoint_blocks(diffusion_model, family: str, *, llm_adapter: bool = False) -> list:
+    """The modules checkpointed one per segment: SDXL input/middle/output blocks, Anima `blocks.N`."""
+    if family == "sdxl":
+        return list(diffusion_model.input_blocks) + [diffusion_model.middle_block] + list(diffusion_model.output_blocks)
+    blocks = list(diffusion_model.blocks)
+    if llm_adapter and hasattr(diffusion_model, "llm_adapter"):
+        blocks += list(getattr(diffusion_model.llm_adapter, "blocks", []))
+    return blocks
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(modules: list, enabled: bool = True):
+    """Wrap each module's forward in a non-reentrant torch checkpoint; restore the forwards after."""
+    if not enabled:
+        yield
+        return
+    saved = []
+    for module in modules:
+        had = "forward" in module.__dict__
+        original = module.__dict__.get("forward")
+        bound = module.forward
+
+        def wrapped(*args, _f=bound, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+            return _f(*args, **kwargs)
+        module.forward = wrapped
+        saved.append((module, had, original))
+    try:
+        yield
+    finally:
+        for module, had, original in saved:
+            if had:
+                module.forward = original
+            else:
+                module.__dict__.pop("forward", None)
+
+
+# ---------------------------------------------------------------- the run inside a guider
+
+
+class _HadakronSampler(comfy.samplers.Sampler):
+    """Occupies the sampler slot of a guider so ComfyUI prepares conds and loads the model; runs the loop."""
+
+    def __init__(self, run: Callable) -> None:
+        self.run = run
+        self.result = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        self.result = self.run(model_wrap, extra_args)
+        return torch.zeros_like(latent_image)
+
+
+def run_training(mp, network, latents: list[torch.Tensor], positive: list, config: TrainConfig,
+                 callbacks: TrainCallbacks, *, resume=None, blocks: list | None = None,
+                 gradient_checkpoint: bool = True):
+    """Train `network` (already built on mp's diffusion model) on latents/conds with the model's own objective.
+
+    `latents`: per-sample latents (C, ...) in the VAE's space (process_latent_in is applied here);
+    `positive`: one conditioning entry per sample. Returns hadakron.train's TrainResult.
+    """
+    model_sampling = mp.get_model_object("model_sampling")
+    device = mp.load_device
+    processed = [mp.model.process_latent_in(x[None].float()).squeeze(0) for x in latents]
+    count = len(processed)
+    dataset = LatentDataset(processed, list(range(count)))
+    objective = model_sampling_objective(model_sampling)
+
+    def run(model_wrap, extra_args):
+        model_wrap.conds = process_cond_list(model_wrap.conds)
+        conds = model_wrap.conds["positive"]
+
+        def model_call(noisy, sigma, batch):
+            idx = list(batch.indices)
+            model_wrap.conds["positive"] = [conds[i] for i in idx]
+            extra = make_batch_extra_option_dict(extra_args, idx, full_size=count)
+            denoised = model_wrap(noisy, sigma, **extra)
+            return raw_output_from_denoised(model_sampling, sigma, denoised, noisy)
+
+        return train(network, model_call, dataset, objective, config, callbacks, resume=resume)
+
+    sampler = _HadakronSampler(run)
+    guider = TrainGuider(mp)
+    guider.set_conds(positive)
+    dummy = processed[0][None].repeat(count, *([1] * processed[0].ndim)).to(device)
+    sigmas = torch.tensor(range(count))
+    previous = getattr(comfy.model_management, "in_training", False)
+    network.attach()
+    try:
+        with differentiable_kitchen(), gradient_checkpointing(blocks or [], gradient_checkpoint):
+            comfy.model_management.in_training = True
+            # the guider runs process_latent_in on this dummy; the loop reads the real latents from `dataset`
+            guider.sample(torch.zeros_like(dummy), mp.model.process_latent_out(dummy), sampler, sigmas, seed=config.seed)
+    finally:
+        comfy.model_management.in_training = previous
+        network.detach()
+    return sampler.result

@@ -1,0 +1,191 @@
+"""LoKr/LoHa Trainer and Save Adapter nodes on small SDXL and Anima models built from ComfyUI's classes.
+
+A few steps: the loss falls; the saved file loads in our loader and in ComfyUI's own LoraLoader with the
+same patched weights; an interrupt mid-run leaves a valid autosave (file + resume state); the
+differentiable RMS+RoPE stand-in matches comfy_kitchen's fused op.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def trainer_mod(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.trainer")
+
+
+@pytest.fixture(scope="module")
+def save_mod(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.save_adapter")
+
+
+@pytest.fixture(scope="module")
+def runtime_mod(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.trainer_runtime")
+
+
+@pytest.fixture
+def output_dir(comfy_env, tmp_path):
+    fp = comfy_env.folder_paths
+    before = fp.get_output_directory()
+    fp.set_output_directory(str(tmp_path / "output"))
+    (tmp_path / "output").mkdir()
+    yield tmp_path / "output"
+    fp.set_output_directory(before)
+
+
+def sdxl_inputs(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = {"samples": torch.randn(n, 4, 16, 16, generator=g)}
+    positive = [[torch.randn(1, 8, 64, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+    return latents, positive
+
+
+def anima_inputs(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = {"samples": torch.randn(n, 16, 1, 8, 8, generator=g)}
+    positive = [[torch.randn(1, 6, 1024, generator=g) * 0.5,
+                 {"t5xxl_ids": torch.randint(0, 32128, (6,), generator=g), "t5xxl_weights": torch.ones(6)}]]
+    return latents, positive
+
+
+STEPS, LR = 6, 5e-2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def few_threads():
+    """Small models on a shared CPU: many threads only fight each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def node_kwargs(**over):
+    kw = dict(steps=6, batch_size=2, learning_rate=5e-3, optimizer="AdamW", scheduler="constant", warmup_steps=0,
+              seed=3, network_dim=4, network_alpha=4.0, use_tucker=False, use_scalar=False, conv_dim=0,
+              conv_alpha=1.0, rank_dropout=0.0, module_dropout=0.0, exclude_patterns="", include_patterns="",
+              network_reg_dims="", network_reg_lrs="", loraplus_lr_ratio=0.0, train_llm_adapter=False,
+              gradient_checkpointing=True, training_dtype="fp32", grad_accum_steps=1, max_grad_norm=1.0,
+              weight_decay=0.0, save_every=0, autosave_prefix="hadakron/autosave", resume_from="none")
+    kw.update(over)
+    return kw
+
+
+def run_node(node_cls, model, latents, positive, **kw):
+    args = {k: [v] for k, v in node_kwargs(**kw).items()}
+    return node_cls().train(model=[model], latents=[latents], positive=[positive], unique_id=["7"], **args)
+
+
+@pytest.mark.parametrize("family,algo", [("sdxl", "lokr"), ("sdxl", "loha"), ("anima", "lokr")])
+def test_trainer_loss_falls_and_files_load_everywhere(family, algo, comfy_env, trainer_mod, save_mod, pack_nodes,
+                                                      small_sdxl, small_anima, output_dir):
+    model = small_sdxl if family == "sdxl" else small_anima
+    latents, positive = (sdxl_inputs if family == "sdxl" else anima_inputs)()
+    node_cls = trainer_mod.HadakronLoKrTrainer if algo == "lokr" else trainer_mod.HadakronLoHaTrainer
+    extra = {"factor": 4, "decompose_both": False} if algo == "lokr" else {}
+    before = {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    # Paired comparison: step k draws the same noise and sigmas in both runs (seeded per step), so the
+    # trained run's loss at steps 2.. must be below the loss the untouched adapter has on the same draws.
+    extra.update(conv_dim=4, conv_alpha=4.0)  # conv adapters too: the output conv learns fastest
+    out = run_node(node_cls, model, latents, positive, steps=STEPS, learning_rate=LR, **extra)
+    still = run_node(node_cls, model, latents, positive, steps=STEPS, learning_rate=1e-12, **extra)
+    adapter, new_model, loss_map = out["result"]
+    losses, untrained = loss_map["loss"], still["result"][2]["loss"]
+    print("LOSSES", family, algo, [round(x, 4) for x in losses], [round(x, 4) for x in untrained])
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[0] == pytest.approx(untrained[0], rel=1e-5)
+    assert sum(losses[2:]) < 0.97 * sum(untrained[2:]), (losses, untrained)
+    assert adapter.path is None and adapter.metadata["hadakron.step"] == str(STEPS)
+    assert adapter.metadata["ss_steps"] == str(STEPS)
+    # the base weights were never written and the bypass wrappers are gone
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("forward" in m.__dict__ for m in model.model.diffusion_model.modules())
+    assert '"loss"' in out["ui"]["hadakron_loss"][0]
+
+    saved = save_mod.HadakronSaveAdapter().save(adapter, "runs/test")["result"][0]
+    from pathlib import Path
+    path = Path(saved)
+    assert path.parent == output_dir / "loras" / "runs" and path.exists()
+    assert (path.parent / (path.stem + ".trainstate")).exists()
+    second = save_mod.HadakronSaveAdapter().save(adapter, "runs/test")["result"][0]
+    assert second != saved  # never overwrites
+    with pytest.raises(ValueError, match="leaves the output folder"):
+        save_mod.HadakronSaveAdapter().save(adapter, "../../escape")
+
+    # our loader and ComfyUI's LoraLoader give the same patched weights
+    from hadakron.io import read_adapter
+    from conftest import patched_weights
+    from safetensors.torch import load_file
+    ours = pack_nodes.apply_adapter(model, None, read_adapter(path), 1.0, 0.0)[0]
+    theirs = comfy_env.comfy.sd.load_lora_for_models(model, None, load_file(str(path)), 1.0, 0.0)[0]
+    keys = [k for k in ours.patches][:40]
+    assert keys and set(keys) <= set(theirs.patches)
+    w_ours = patched_weights(ours, keys)
+    w_theirs = patched_weights(theirs, keys)
+    w_out = patched_weights(new_model, keys)
+    base = {k: before[k[len("diffusion_model."):]] for k in keys}
+    moved = 0
+    for k in keys:
+        assert torch.allclose(w_ours[k], w_theirs[k], rtol=1e-5, atol=1e-6), k
+        assert torch.allclose(w_out[k], w_ours[k], rtol=1e-6, atol=1e-7), k
+        moved += int(not torch.equal(w_ours[k], base[k]))
+    assert moved > 0
+
+
+def test_interrupt_leaves_valid_autosave_and_resume(comfy_env, trainer_mod, small_sdxl, output_dir, loras_dir,
+                                                    monkeypatch):
+    mm = comfy_env.mm
+    import comfy.utils
+
+    def hook(value, total, preview, node_id=None):  # the user presses cancel once step 3 is reported
+        if value >= 3:
+            mm.interrupt_current_processing(True)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    latents, positive = sdxl_inputs()
+    with pytest.raises(mm.InterruptProcessingException):
+        run_node(trainer_mod.HadakronLoKrTrainer, small_sdxl, latents, positive, factor=4, decompose_both=False,
+                 steps=10, autosave_prefix="auto/run")
+    files = sorted((output_dir / "loras" / "auto").glob("*.safetensors"))
+    assert [f.name for f in files] == ["run_step000003_00001_.safetensors"]
+    from hadakron.io import read_adapter
+    saved = read_adapter(files[0])
+    assert saved.metadata["hadakron.step"] == "3" and not saved.problems
+    assert (files[0].parent / (files[0].stem + ".trainstate")).exists()
+
+    # resume from the autosave (copied into the loras folder) for 2 more steps
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    mm.interrupt_current_processing(False)
+    import shutil
+    for f in (files[0], files[0].parent / (files[0].stem + ".trainstate")):
+        shutil.copy(f, loras_dir / f.name)
+    out = run_node(trainer_mod.HadakronLoKrTrainer, small_sdxl, latents, positive, factor=4, decompose_both=False,
+                   steps=5, resume_from=files[0].name)
+    adapter = out["result"][0]
+    assert adapter.metadata["hadakron.step"] == "5" and len(out["result"][2]["loss"]) == 2
+
+
+def test_differentiable_rms_rope_matches_kitchen(runtime_mod):
+    ck = pytest.importorskip("comfy_kitchen")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 4, 16, generator=g)
+    k = torch.randn(2, 5, 4, 16, generator=g)
+    angles = torch.randn(5, 1, 8, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    freqs = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)[None]  # (1,5,1,8,2,2)
+    qs, ks = torch.rand(16, generator=g) + 0.5, torch.rand(16, generator=g) + 0.5
+    ref_q, ref_k = ck.rms_rope_split_half(q, k, freqs, qs, ks, 1e-6)
+    q2 = q.clone().requires_grad_(True)
+    out_q, out_k = runtime_mod.rms_rope_split_half(q2, k, freqs, qs, ks, 1e-6)
+    assert torch.allclose(out_q, ref_q, atol=1e-5) and torch.allclose(out_k, ref_k, atol=1e-5)
+    out_q.sum().backward()
+    assert q2.grad is not None and torch.isfinite(q2.grad).all()
+    import comfy.quant_ops
+    original = comfy.quant_ops.ck
+    with runtime_mod.differentiable_kitchen():
+        assert comfy.quant_ops.ck.rms_rope_split_half is runtime_mod.rms_rope_split_half
+    assert comfy.quant_ops.ck is original

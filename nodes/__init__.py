@@ -14,7 +14,6 @@ import sys
 NODE_MODULES = (
     "loader",
     "trainer", "save_adapter",
-    "trainer", "save_adapter",
     "merge",
 )
 

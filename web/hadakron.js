@@ -411,6 +411,10 @@ app.registerExtension({
       chain(nodeType.prototype, "onSerialize", function (data) {
         serializeTrainer(this, data);
       });
+      chain(nodeType.prototype, "onPropertyChanged", function (name) {
+        const state = chartState(this);
+        if (state && name === SMOOTHING_PROPERTY) scheduleDraw(state);
+      });
       chain(nodeType.prototype, "onExecuted", function (output) {
         applyTrainerOutput(this, output, true);
       });

@@ -45,18 +45,6 @@ def _cast(f: Factor, x: torch.Tensor) -> Factor:
     return f.to(dtype=x.dtype, device=x.device)
 
 
-def _mix_groups(w1: Factor, h: torch.Tensor) -> torch.Tensor:
-    """h (N, c, m) -> (N, a, m): applies W1 (a, c) across the group axis.
-
-    Done as one transpose copy and one large GEMM (batched small GEMMs are far slower on CPU); the result is a
-    transposed view, so the caller's next reshape makes it contiguous.
-    """
-    n, c, m = (int(s) for s in h.shape)
-    ht = h.transpose(1, 2).reshape(n * m, c)
-    yt = w1.linear(ht)  # (N*m, a)
-    return yt.view(n, m, -1).transpose(1, 2)
-
-
 def _w1_2d(w1: Factor) -> Factor:
     if isinstance(w1, Tucker):
         raise ValueError("LoKr W1 cannot be a Tucker factor")
@@ -134,7 +122,11 @@ def lokr_bypass_conv2d(
         f1 = f1.scaled(scale)
     h = f2.conv2d(x.reshape(B * c, d, H, W), kernel, stride, padding, dilation)  # (B*c, b, Ho, Wo)
     Ho, Wo = int(h.shape[-2]), int(h.shape[-1])
-    y = _mix_groups(f1, h.reshape(B, c, -1))  # (B, a, b*Ho*Wo)
+    h = h.reshape(B, c, -1)  # (B, c, b*Ho*Wo): W1 mixes the groups with B wide GEMMs, no copies
+    if isinstance(f1, LowRank):
+        y = torch.matmul(f1.a, torch.matmul(f1.b2d(), h))
+    else:
+        y = torch.matmul(f1.matrix(), h)  # (B, a, b*Ho*Wo)
     return y.reshape(B, f1.rows * f2.rows, Ho, Wo)
 
 

@@ -153,3 +153,14 @@ def test_lora_form_half_inputs_compute_in_float32():
     up, down = lora_form(p, (20, 30))
     assert up.dtype == torch.float32 and down.dtype == torch.float32
     torch.testing.assert_close((up.to(D) @ down.to(D)), ref_loha({k: v.to(D) for k, v in p.items()}), rtol=1e-5, atol=1e-5)
+
+
+def test_results_can_be_modified_in_place_with_grad_mode_on():
+    p = loha_params()
+    w = rnd(6, 5).requires_grad_()
+    out = patched_weight(w, p, 0.5, dtype=D)
+    assert not out.requires_grad
+    out.add_(1.0)
+    dw = delta_weight(p, (6, 5, 1, 1), dtype=D)
+    dw.mul_(2.0)  # a reshaped result is not a no_grad view
+    torch.testing.assert_close(dw[:, :, 0, 0], 2 * ref_loha(p))

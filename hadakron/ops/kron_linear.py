@@ -50,7 +50,8 @@ class KronLinear(torch.autograd.Function):
         x2, weight, w1, q, p, t1, t2 = ctx.saved_tensors
         a, b, c, d, m, n = ctx.dims
         need_x, need_w, need_b, need_w1, need_q, need_p = ctx.needs_input_grad
-        g = grad.reshape(n, a * b).to(x2.dtype)  # under autocast the forward ran in a lower dtype than its inputs
+        g = grad.reshape(n, a * b).to(x2.dtype)
+        t1, t2 = t1.to(x2.dtype), t2.to(x2.dtype)  # under autocast the forward ran in a lower dtype than its inputs
         if not g.is_contiguous():
             g = g.contiguous()
         gy = g.view(n * a, b)

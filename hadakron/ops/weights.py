@@ -96,7 +96,7 @@ def delta_weight(
             u, v = low_rank_pair(factors[0])
             u, v = fold_scale([u, v], scale)
             dw = u @ v
-        dw = dw.reshape(target)
+    dw = dw.reshape(target)  # outside no_grad: callers may modify the result in place with grad mode on
     return dw if dw.dtype == dtype else dw.to(dtype)
 
 
@@ -126,7 +126,13 @@ def patched_weight(
 
     DoRA: W_d = (W + s dW) * dora_scale / (||W + s dW|| + eps) (row- or column-wise by dora_scale's shape,
     eps = finfo(dtype).eps as LyCORIS/ComfyUI), then W + strength * (W_d - W) as ComfyUI applies strength.
+    Not differentiable (a merge operation): it runs under no_grad whatever the grad mode.
     """
+    with torch.no_grad():
+        return _patched_weight(weight, params, strength, dtype)
+
+
+def _patched_weight(weight: torch.Tensor, params: Params, strength: float, dtype: torch.dtype) -> torch.Tensor:
     w = weight.to(dtype)
     dw = delta_weight(params, tuple(weight.shape), dtype=dtype, device=weight.device)
     ds = params.get("dora_scale")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -220,12 +221,40 @@ def weight_accepts(weight_shape: tuple[int, ...], flat: tuple[int, int]) -> bool
             and int(math.prod(weight_shape[1:])) == flat[1])
 
 
-def _finite(params: Params) -> list[str]:
-    bad = []
-    for name, t in params.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            bad.append(name)
+# (same-size integer dtype, exponent mask): a float is NaN/Inf exactly when all its exponent bits are set.
+_EXPONENT_MASKS = {
+    torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000),
+}
+
+
+# Scan results per tensor object: a loader node re-reports the same (cached) file at every strength change.
+# Keyed by id(); the weak reference drops the entry when the tensor dies (tensors cannot be dict keys by value).
+_SCANNED: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def _has_nonfinite(t: torch.Tensor) -> bool:
+    """True when `t` holds NaN/Inf; an integer test of the exponent bits (torch.isfinite is slow on bf16 CPU)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+        return False
+    hit = _SCANNED.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    spec = _EXPONENT_MASKS.get(t.dtype)
+    if spec is None:
+        bad = not bool(torch.isfinite(t.float()).all())
+    else:
+        int_dtype, mask = spec
+        bits = t.contiguous().view(int_dtype)
+        bad = bool(((bits & mask) == mask).any())
+    key = id(t)
+    _SCANNED[key] = (weakref.ref(t, lambda _ref, k=key: _SCANNED.pop(k, None)), t._version, bad)
     return bad
+
+
+def _finite(params: Params) -> list[str]:
+    """Names of the module's tensors that hold NaN/Inf values."""
+    return [name for name, t in params.items() if _has_nonfinite(t)]
 
 
 def default_resolver(family: str) -> Resolver:

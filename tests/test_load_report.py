@@ -124,3 +124,19 @@ def test_training_metadata_is_decoded():
                  "ss_base_model_version": "sdxl_base_v1-0", "ss_steps": "1200"}
     rep = _report({"lora_unet_" + Q.replace(".", "_"): _loha(8, 8)}, meta)
     assert "network_dim=16" in rep.to_text() and rep.to_dict()["training"]["ss_steps"] == "1200"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_nonfinite_scan_is_exact(dtype):
+    from hadakron.load_report import _has_nonfinite
+
+    t = torch.randn(50, 9).to(dtype)
+    assert not _has_nonfinite(t)
+    big = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)  # largest finite values are not flagged
+    assert not _has_nonfinite(big) and not _has_nonfinite(-big)
+    for bad in (math.nan, math.inf, -math.inf):
+        u = t.clone()
+        u[7, 2] = bad
+        assert _has_nonfinite(u) and _has_nonfinite(u.t())
+    t[0, 0] = math.nan  # an in-place change after a scan is seen (the cache follows the tensor's version)
+    assert _has_nonfinite(t)

@@ -140,10 +140,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--factor", type=int, default=8)
     ap.add_argument("--algos", default="loha,lokr")
+    ap.add_argument("--impls", default="hadakron,comfyui")
+    ap.add_argument("--hada-chunk", type=int, default=0,
+                    help="override hadakron.ops.rebuild.HADA_CHUNK_ELEMENTS (LoHa rebuild chunk) for a what-if run")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: impl:algo:sample_path
     args = ap.parse_args(argv)
     if args.case:
         impl, algo, sample = args.case.split(":", 2)
+        if args.hada_chunk:
+            import hadakron.ops.rebuild
+            hadakron.ops.rebuild.HADA_CHUNK_ELEMENTS = args.hada_chunk
         print(json.dumps(run_case(args.comfyui, impl, algo, args.rank, args.factor, sample or None)))
         return 0
     import tempfile
@@ -151,10 +157,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for algo in args.algos.split(","):
             samples = {}
-            for impl in ("hadakron", "comfyui"):
+            for impl in args.impls.split(","):
                 sample = os.path.join(tmp, f"{impl}_{algo}.pt")
                 cmd = [sys.executable, __file__, "--comfyui", args.comfyui, "--rank", str(args.rank),
-                       "--factor", str(args.factor), "--case", f"{impl}:{algo}:{sample}"]
+                       "--factor", str(args.factor), "--hada-chunk", str(args.hada_chunk),
+                       "--case", f"{impl}:{algo}:{sample}"]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
@@ -163,6 +170,8 @@ def main(argv=None) -> int:
                 results.append(res)
                 samples[impl] = sample
                 print(json.dumps(res), flush=True)
+            if len(samples) < 2:
+                continue
             import torch
             a, b = torch.load(samples["hadakron"]), torch.load(samples["comfyui"])
             diff = max((a[k] - b[k]).abs().max().item() for k in a)

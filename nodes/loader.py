@@ -134,7 +134,7 @@ def _check_family(adapter, modules: dict, family: str, report: LoadReport) -> No
                                 f"({detected.summary()}) but the model is {family.upper()}")
     first = report.unmatched[0] if report.unmatched else None
     why = f"{first.key}: {first.reason}" if first else "no modules"
-    raise HadakronLoadError(f"{report.source}: no module matches this {family.upper()} model "
+    raise HadakronLoadError(f"{report.source}: no module could be applied to this {family.upper()} model "
                             f"({len(report.unmatched)} not applied; first: {why})")
 
 

@@ -16,10 +16,10 @@ import torch
 
 from hadakron.io import AdapterFile
 from hadakron.io.safetensors_format import TensorEntry
-from hadakron.merge.checkpoint_stream import read_checkpoint_header, rewrite_checkpoint
+from hadakron.merge.checkpoint_stream import IN_FLIGHT, read_checkpoint_header, rewrite_checkpoint
 from hadakron.merge.checkpoint_targets import CheckpointIndex, WeightTarget, index_checkpoint
 from hadakron.merge.module_names import NamedModule, name_modules
-from hadakron.ops import delta_weight, patched_weight
+from hadakron.merge.accumulate import add_delta_, prepare
 
 BAKED_METADATA_KEY = "hadakron.baked_adapters"
 """Metadata key of a baked checkpoint: JSON list of {file, strength, hash, applied, unmatched}, oldest first."""
@@ -71,25 +71,79 @@ class BakeReport:
         return out
 
 
-def baked_weight(weight: torch.Tensor, patches: Sequence[Patch]) -> torch.Tensor:
+class Workspace:
+    """Reusable flat buffers by (role, dtype), grown on demand: a streamed bake allocates once, not per tensor."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def tensor(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        buf = self._buffers.get((role, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1), dtype=dtype)
+            self._buffers[(role, dtype)] = buf
+        return buf[:n].view(shape)
+
+
+CHUNK_ELEMENTS = 1 << 18
+"""float32 elements per row block of the streamed bake (1 MiB: the block stays in cache while adapters add to it)."""
+
+
+def _fusable(weight: torch.Tensor, patches: Sequence[Patch]) -> bool:
+    return (weight.dim() >= 1 and weight.numel() > 0 and weight.is_contiguous()
+            and not any(p.transposed or "dora_scale" in p.params for p in patches))
+
+
+def baked_weight(weight: torch.Tensor, patches: Sequence[Patch], workspace: Workspace | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """`weight` with every patch added (`s * dW` into its rows), computed in float32, returned in weight's dtype.
 
-    Modules carrying `dora_scale` are applied with `hadakron.ops.patched_weight` (norm of W + s*dW) in order.
+    Row block by row block: each block is converted to float32 once, every adapter adds its rows, and the block
+    is rounded once into `out` (a new tensor when not given). Modules with `dora_scale` (applied with
+    `hadakron.ops.patched_weight`, norm of W + s*dW, in order) and transposed targets take a whole-tensor path.
     """
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.to(work_dtype, copy=True)
+    shape = tuple(weight.shape)
+    if out is None:
+        out = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+    if not _fusable(weight, patches):
+        w = weight.to(work_dtype, copy=True)
+        for p in patches:
+            region = w if p.rows is None else w[p.rows[0]:p.rows[1]]
+            if p.transposed:
+                region = region.T
+            try:
+                add_delta_(region, p.params, p.strength)
+            except (ValueError, RuntimeError) as exc:
+                raise ValueError(f"{p.label}: does not fit weight of shape {list(region.shape)}: {exc}") from exc
+        out.copy_(w)
+        return out
+    rows = shape[0]
+    cols = weight.numel() // rows
+    prepared = []
     for p in patches:
-        region = w if p.rows is None else w[p.rows[0]:p.rows[1]]
-        if p.transposed:
-            region = region.T
+        p0, p1 = p.rows if p.rows is not None else (0, rows)
         try:
-            if "dora_scale" in p.params:
-                region.copy_(patched_weight(region, p.params, p.strength, dtype=work_dtype))
-            else:
-                region.add_(delta_weight(p.params, tuple(region.shape), dtype=work_dtype), alpha=p.strength)
+            prepared.append((p0, p1, prepare(p.params, p1 - p0, cols, work_dtype, weight.device), p.strength))
         except (ValueError, RuntimeError) as exc:
-            raise ValueError(f"{p.label}: does not fit weight of shape {list(region.shape)}: {exc}") from exc
-    return w.to(weight.dtype)
+            raise ValueError(f"{p.label}: does not fit weight of shape {[p1 - p0, *shape[1:]]}: {exc}") from exc
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    block = (workspace.tensor("block", (min(step, rows), cols), work_dtype) if workspace is not None
+             else torch.empty(min(step, rows), cols, dtype=work_dtype, device=weight.device))
+    w2, o2 = weight.view(rows, cols), out.view(rows, cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        b = block[: r1 - r0]
+        b.copy_(w2[r0:r1])
+        for p0, p1, acc, strength in prepared:
+            lo, hi = max(r0, p0), min(r1, p1)
+            if lo < hi:
+                acc.add_rows_(b[lo - r0:hi - r0], lo - p0, hi - p0, strength)
+        o2[r0:r1].copy_(b)
+    return out
 
 
 def plan_patches(index: CheckpointIndex, adapters: Sequence[tuple[AdapterFile, float]],
@@ -172,11 +226,22 @@ def bake_checkpoint(base_path: str | Path, adapters: Sequence[tuple[AdapterFile,
         raise ValueError(f"{base}: none of the adapters' modules match a weight of this checkpoint "
                          f"(first: {first[0]}: {first[1]})")
 
-    def transform(entry: TensorEntry, weight: torch.Tensor) -> torch.Tensor:
-        return baked_weight(weight, plan[entry.name])
+    workspace = Workspace()
+    calls = [0]
 
-    rewrite_checkpoint(base, out, {key: transform for key in plan}, baked_metadata(header.metadata, reports, adapters),
-                       overwrite=overwrite, on_tensor=on_tensor)
+    def transform(entry: TensorEntry, weight: torch.Tensor) -> torch.Tensor:
+        slot = calls[0] % (IN_FLIGHT + 1)  # results are written while the next IN_FLIGHT are computed
+        calls[0] += 1
+        out = workspace.tensor(f"out{slot}", entry.shape, weight.dtype)
+        return baked_weight(weight, plan[entry.name], workspace, out=out)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # row blocks are cache-sized: one compute thread beats barrier waits; I/O runs beside
+    try:
+        rewrite_checkpoint(base, out, {key: transform for key in plan},
+                           baked_metadata(header.metadata, reports, adapters), overwrite=overwrite, on_tensor=on_tensor)
+    finally:
+        torch.set_num_threads(threads)
     return BakeReport(base_path=base, out_path=out, checkpoint_parts=dict(index.parts), adapters=reports,
                       weights_changed=len(plan), tensors_total=len(header.entries),
                       seconds=time.perf_counter() - start)

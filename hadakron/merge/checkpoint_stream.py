@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping
@@ -32,21 +34,23 @@ def read_checkpoint_header(path: str | Path) -> Header:
     return read_header(path)
 
 
-def read_entry(f: BinaryIO, header: Header, entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor from an open checkpoint file into its own (writable) CPU memory."""
-    buf = bytearray(entry.end - entry.begin)
+def read_entry(f: BinaryIO, header: Header, entry: TensorEntry, buffer: bytearray | None = None) -> torch.Tensor:
+    """Read one tensor from an open checkpoint file into writable CPU memory (`buffer`'s start when given,
+    which must hold at least the tensor's bytes; the tensor is then valid until the buffer is reused)."""
+    nbytes = entry.end - entry.begin
+    buf = bytearray(nbytes) if buffer is None else buffer
     f.seek(header.data_start + entry.begin)
-    view = memoryview(buf)
+    view = memoryview(buf)[:nbytes]
     got = 0
-    while got < len(buf):
+    while got < nbytes:
         n = f.readinto(view[got:])
         if not n:
             raise OSError(f"{getattr(f, 'name', '?')}: file ended inside tensor {entry.name!r}")
         got += n
     dtype = DTYPE_FROM_NAME[entry.dtype]
-    if not buf:
+    if not nbytes:
         return torch.empty(entry.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
+    return torch.frombuffer(buf, dtype=dtype, count=nbytes // torch.empty((), dtype=dtype).element_size()).reshape(entry.shape)
 
 
 def header_for_entries(entries: tuple[TensorEntry, ...], metadata: Mapping[str, str]) -> bytes:
@@ -143,34 +147,84 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     tmp.unlink()
 
 
+IN_FLIGHT = 4
+"""Transform results still being written while the next tensor is computed: a transform's result must stay
+unchanged during the next IN_FLIGHT transform calls (use IN_FLIGHT + 1 rotating output buffers)."""
+
+
+class _Writer(threading.Thread):
+    """Writes jobs to the output in order on its own thread, so disk writes overlap the next computation."""
+
+    def __init__(self, src: BinaryIO, dst: BinaryIO, data_start: int) -> None:
+        super().__init__(name="hadakron-checkpoint-writer", daemon=True)
+        self.src, self.dst, self.data_start = src, dst, data_start
+        self.jobs: queue.Queue = queue.Queue(maxsize=IN_FLIGHT - 1)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure so the producer never blocks
+            try:
+                if job[0] == "copy":
+                    _copy_range(self.src, self.dst, job[1], job[2])
+                else:
+                    self.dst.write(job[1])
+            except BaseException as exc:  # re-raised on the main thread
+                self.error = exc
+
+    def put(self, job: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put(job)
+
+    def finish(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
 def rewrite_checkpoint(base_path: str | Path, out_path: str | Path, replace: Mapping[str, Transform],
                        metadata: Mapping[str, str], *, overwrite: bool = False,
                        on_tensor: Callable[[TensorEntry], None] | None = None) -> Path:
     """Copy `base_path` to `out_path` with `replace[name](entry, tensor)` applied to the named tensors.
 
-    Each transform must return a tensor of the entry's dtype and shape. `metadata` replaces the header's
-    metadata. `on_tensor` is called after each tensor (progress). Returns the output path.
+    Each transform must return a tensor of the entry's dtype and shape (CPU, contiguous), left unchanged during
+    the next `IN_FLIGHT` transform calls (it is written on a writer thread meanwhile); the input tensor it gets
+    is valid only during the call. `metadata` replaces the header's metadata. `on_tensor` is called after each
+    tensor is queued (progress). Returns the output path.
     """
     base, out = Path(base_path), Path(out_path)
-    if base.resolve() == out.resolve():
+    if out.exists() and base.resolve() == out.resolve():
         raise ValueError(f"{out}: output is the input checkpoint; write to another path")
     header = read_header(base)
     missing = sorted(set(replace) - {e.name for e in header.entries})
     if missing:
         raise KeyError(f"{base}: no tensor named {missing[0]!r} to replace ({len(missing)} missing)")
-    with open(base, "rb") as src, atomic_output(out, overwrite=overwrite) as dst:
+    largest = max((e.end - e.begin for e in header.entries if e.name in replace), default=0)
+    read_buffer = bytearray(largest)  # one buffer for every replaced tensor: no per-tensor allocation
+    with open(base, "rb") as src, open(base, "rb") as src_copy, atomic_output(out, overwrite=overwrite) as dst:
         dst.write(header_for_entries(header.entries, metadata))
-        for entry in header.entries:
-            transform = replace.get(entry.name)
-            if transform is None:
-                _copy_range(src, dst, header.data_start + entry.begin, entry.end - entry.begin)
-            else:
-                new = transform(entry, read_entry(src, header, entry))
-                want = DTYPE_FROM_NAME[entry.dtype]
-                if new.dtype != want or tuple(new.shape) != entry.shape:
-                    raise ValueError(f"{base}: replacement for {entry.name!r} must keep {entry.dtype} {list(entry.shape)}, "
-                                     f"found {new.dtype} {list(new.shape)}")
-                dst.write(tensor_bytes(new.detach().cpu().contiguous()))
-            if on_tensor is not None:
-                on_tensor(entry)
+        writer = _Writer(src_copy, dst, header.data_start)
+        writer.start()
+        try:
+            for entry in header.entries:
+                transform = replace.get(entry.name)
+                if transform is None:
+                    writer.put(("copy", header.data_start + entry.begin, entry.end - entry.begin))
+                else:
+                    new = transform(entry, read_entry(src, header, entry, read_buffer))
+                    want = DTYPE_FROM_NAME[entry.dtype]
+                    if new.dtype != want or tuple(new.shape) != entry.shape:
+                        raise ValueError(f"{base}: replacement for {entry.name!r} must keep {entry.dtype} "
+                                         f"{list(entry.shape)}, found {new.dtype} {list(new.shape)}")
+                    writer.put(("bytes", tensor_bytes(new.detach().cpu().contiguous())))
+                if on_tensor is not None:
+                    on_tensor(entry)
+        finally:
+            writer.finish()
     return out

@@ -138,6 +138,9 @@ def cases(quick):
         yield name, out, inn, (3, 3), tucker
 
 
+RESULTS: dict = {}
+
+
 def bench_delta(args):
     print("\n## Delta-W rebuild (ms; ratios: ours/floor, lycoris/ours, comfy/ours)")
     hdr = f"{'shape':22s} {'r':>3s} {'alg':5s} {'floor':>8s} {'ours':>8s} {'lycoris':>8s} {'comfy':>8s}  {'ours/fl':>7s} {'ly/ours':>7s} {'cf/ours':>7s}"
@@ -153,11 +156,13 @@ def bench_delta(args):
                 if ly_lokr is not None:
                     fns["lycoris"] = lambda: ly(p)
                 fns["comfy"] = lambda: cf(p, shape)
-                t = measure(fns, args.repeats)
+                reps = args.repeats * 3 if name == "1280->10240" and alg == "lokr" else args.repeats
+                t = measure(fns, reps)
+                RESULTS[("delta", name, r, alg)] = t
                 lyt = t.get("lycoris", float("nan"))
-                note = ""
+                note = "" if reps == args.repeats else f" ({reps} repeats)"
                 if alg == "lokr":
-                    note = " w2 " + ("full" if "lokr_w2" in p else "tucker" if "lokr_t2" in p else "low-rank")
+                    note += " w2 " + ("full" if "lokr_w2" in p else "tucker" if "lokr_t2" in p else "low-rank")
                     if "lokr_t2" in p:
                         note += " (comfy* raises in 0.29; timed with .contiguous())"
                 print(f"{name:22s} {r:3d} {alg:5s} {t['floor']:8.1f} {t['ours']:8.1f} {lyt:8.1f} {t['comfy']:8.1f}  "
@@ -276,7 +281,8 @@ def bench_training_step(args):
             for q in mod.parameters():
                 q.grad = None
         fns["LyCORIS LokrModule (default)"] = lycoris
-    t = measure(fns, args.repeats)
+    t = measure(fns, args.repeats * 2)
+    RESULTS["step"] = t
     base = t["frozen Linear"]
     for k, v in t.items():
         print(f"{k:32s} {v:8.1f}  {v / base:5.2f}x")
@@ -305,7 +311,30 @@ def main(argv=None) -> int:
         bench_bypass(args)
     if "step" in sections:
         bench_training_step(args)
+    summary()
     return 0
+
+
+def summary():
+    """The issue's performance goals against this run's numbers."""
+    print("\n## Goals (this run)")
+    for r in (16, 32):
+        t = RESULTS.get(("delta", "1280->10240", r, "lokr"))
+        if t:
+            ly = t.get("lycoris", float("nan")) / t["ours"]
+            print(f"LoKr delta-W 1280->10240 r{r}: ours/floor {t['ours'] / t['floor']:.2f} (goal <= 1.3), "
+                  f"lycoris/ours {ly:.2f}, comfy/ours {t['comfy'] / t['ours']:.2f} (goal >= 2)")
+    loha = [(k[1], k[2], v["ours"] / v["floor"]) for k, v in RESULTS.items() if k[0] == "delta" and k[3] == "loha"]
+    if loha:
+        worst = max(loha, key=lambda e: e[2])
+        within = sum(1 for e in loha if e[2] <= 3.0)
+        print(f"LoHa delta-W ours/floor: {within}/{len(loha)} cases within 3x (goal); worst {worst[2]:.2f} at "
+              f"{worst[0]} r{worst[1]}")
+    t = RESULTS.get("step")
+    if t:
+        base = t["frozen Linear"]
+        print(f"LoKr training step: lokr_linear {t['lokr_linear (fused)'] / base:.2f}x, additive "
+              f"{t['frozen + lokr_bypass_linear'] / base:.2f}x the frozen Linear (goal <= 1.15)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Entry points on a module's parameter dict (the file's own tensor names): `algorithm_of`, `module_rank`,
 `module_scale`, `delta_weight`, `patched_weight` (DoRA), `lora_form`. Lower level: factor kinds (`factors`),
 `factorization`, write-floor rebuilds `loha_delta` / `lokr_delta`, the recomputing `HadaWeight` autograd, and
-bypass products `lokr_bypass_linear`, `lokr_bypass_conv2d`, `loha_bypass` (see `bypass` for their arguments).
+bypass products `lokr_bypass_linear`, `lokr_linear` (frozen Linear + LoKr fused), `lokr_bypass_conv2d`,
+`loha_bypass` (see `bypass` for their arguments).
 """
 
 from .autograd import HadaWeight, hada_weight, hada_weight_tucker

@@ -189,3 +189,25 @@ def test_differentiable_rms_rope_matches_kitchen(runtime_mod):
     with runtime_mod.differentiable_kitchen():
         assert comfy.quant_ops.ck.rms_rope_split_half is runtime_mod.rms_rope_split_half
     assert comfy.quant_ops.ck is original
+
+
+def test_live_loss_events_and_progress(comfy_env, trainer_mod, small_sdxl, output_dir, monkeypatch):
+    import comfy.utils
+    import server
+
+    events, progress = [], []
+
+    class Recorder:
+        def send_sync(self, event, data, sid=None):
+            events.append((event, data))
+    monkeypatch.setattr(server.PromptServer, "instance", Recorder(), raising=False)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda v, t, p, node_id=None: progress.append((v, t, node_id)))
+    latents, positive = sdxl_inputs()
+    out = run_node(trainer_mod.HadakronLoHaTrainer, small_sdxl, latents, positive, steps=3, scheduler="linear")
+    losses = out["result"][2]["loss"]
+    loss_events = [d for e, d in events if e == "hadakron.loss"]
+    assert [d["step"] for d in loss_events] == [1, 2, 3]
+    assert all(d["node"] == "7" and d["total"] == 3 for d in loss_events)
+    assert [d["loss"] for d in loss_events] == losses
+    assert [d["lr"] for d in loss_events] == pytest.approx([5e-3, 5e-3 * 2 / 3, 5e-3 / 3])
+    assert (3, 3, "7") in progress

@@ -1,7 +1,7 @@
 """`hadakron demo`: the whole file workflow on a tiny SDXL-structured model, on CPU, in seconds, no downloads.
 
 Steps: build a tiny SDXL-named UNet and a "teacher" that differs from it by a known low-rank change; train
-a LoKr and a LoHa (hadakron.adapters + hadakron.train) to reproduce the teacher; save them with metadata;
+a LoKr and a LoHa (hadakron.network + hadakron.train) to reproduce the teacher; save them with metadata;
 inspect them; bake them into an SDXL-layout checkpoint and check the baked weights and outputs; combine
 them exactly and at a low rank; convert the LoKr to LoRA (exact and SVD) and to another key layout.
 Every step prints what it produced: losses, file sizes, delta-W errors and timings.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,11 +21,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hadakron.adapters import LoHa, LoKr
-from hadakron.arch import convert_state_dict, file_key, parse_module_key
+from hadakron.arch import convert_state_dict, parse_module_key
 from hadakron.demo_model import TinySDXLUNet, checkpoint_tensors, load_unet_from_checkpoint
 from hadakron.io import build_metadata, read_adapter, write_adapter
 from hadakron.merge import bake_checkpoint, combine, convert_layout, to_lora
+from hadakron.network import AdapterNetwork, NetworkConfig
 from hadakron.ops import delta_weight
 from hadakron.train import DiffusionObjective, LatentDataset, Sample, TrainConfig, train
 
@@ -34,46 +35,10 @@ LOKR_RANK = 2  # with factor 4 on 32-wide layers: W1 (4, 4) full, W2 (8, 8) as a
 CONTEXT_TOKENS = 6
 COMBINE_RANK = 8
 CONVERT_RANK = 4
-TARGETS = (  # the SpatialTransformer's linears (sd-scripts' default UNet targets) and one ResBlock conv
-    "input_blocks.4.1.proj_in", "input_blocks.4.1.proj_out",
-    *(f"input_blocks.4.1.transformer_blocks.0.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")),
-    "input_blocks.4.1.transformer_blocks.0.ff.net.0.proj", "input_blocks.4.1.transformer_blocks.0.ff.net.2",
-    "input_blocks.1.0.in_layers.2",
-)
 CHANGED = ("input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_v",
            "input_blocks.4.1.transformer_blocks.0.attn2.to_k", "input_blocks.4.1.transformer_blocks.0.ff.net.2",
            "input_blocks.1.0.in_layers.2")
 """Layers the synthetic teacher changes (the adapters must discover which)."""
-
-
-class AdapterSet(nn.Module):
-    """Adapters attached beside layers of a model by forward hooks (bypass: base weights never change)."""
-
-    def __init__(self, model: nn.Module, make: Callable[[nn.Module], nn.Module], targets: tuple[str, ...]) -> None:
-        super().__init__()
-        self.targets = targets
-        self.adapters = nn.ModuleDict({t.replace(".", "_"): make(model.get_submodule(t)) for t in targets})
-        self._hooks = [model.get_submodule(t).register_forward_hook(self._hook(t)) for t in targets]
-
-    def _hook(self, target: str):
-        key = target.replace(".", "_")
-
-        def add_bypass(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + self.adapters[key](args[0])
-        return add_bypass
-
-    def detach_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def file_state_dict(self) -> dict[str, torch.Tensor]:
-        """kohya-layout file tensors of every adapter."""
-        out = {}
-        for t in self.targets:
-            for param, v in self.adapters[t.replace(".", "_")].file_state_dict().items():
-                out[file_key("sdxl", "unet", t, param, "kohya")] = v.detach().contiguous()
-        return out
 
 
 class DistillObjective:
@@ -172,46 +137,55 @@ def _run(out: Path, *, steps: int, seed: int, overwrite: bool, echo: Callable[[s
     ckpt = checkpoint_tensors(base, torch.float16)
     save_file(ckpt, str(files["base"]), metadata={"modelspec.title": "hadakron demo tiny SDXL"})
     num["base_loss"] = _eval_loss(base, teacher, context, seed)
-    echo(f"   UNet with {n_params} parameters and SDXL names ({len(TARGETS)} adapter targets); teacher changes "
+    echo(f"   UNet with {n_params} parameters and SDXL layer names; the teacher changes "
          f"{len(CHANGED)} layers by a rank-2 delta")
     echo(f"   checkpoint {files['base'].name}: {len(ckpt)} tensors (UNet + tiny CLIP-L + OpenCLIP CLIP-G), "
          f"fp16, {_size(files['base'])}; base-vs-teacher loss {num['base_loss']:.4f}")
     done(t0, "setup")
 
     # 2. train a LoKr and a LoHa
-    makers = {
-        "lokr": lambda layer: LoKr.for_layer(layer, LOKR_RANK, LOKR_RANK, factor=4),
-        "loha": lambda layer: LoHa.for_layer(layer, RANK, RANK),
+    configs = {
+        "lokr": NetworkConfig(algo="lokr", network_dim=LOKR_RANK, network_alpha=float(LOKR_RANK), factor=4,
+                              conv_dim=LOKR_RANK, conv_alpha=float(LOKR_RANK)),
+        "loha": NetworkConfig(algo="loha", network_dim=RANK, network_alpha=float(RANK),
+                              conv_dim=RANK, conv_alpha=float(RANK)),
     }
-    for algo, make in makers.items():
-        t0 = step(f"2. train a {TITLES[algo]} (hadakron.train, AdamW, {steps} steps, distillation on noised latents)")
+    for algo, config in configs.items():
+        t0 = step(f"2. train a {TITLES[algo]} (hadakron.network + hadakron.train, AdamW, {steps} steps, "
+                  f"distillation on noised latents)")
         student = copy.deepcopy(base)
-        net = AdapterSet(student, make, TARGETS)
-        config = TrainConfig(steps=steps, batch_size=8, learning_rate=1e-2 if algo == "lokr" else 5e-3,
-                             scheduler="cosine", seed=seed)
+        with warnings.catch_warnings():  # the tiny model holds only a few of SDXL's layers: expected here
+            warnings.simplefilter("ignore")
+            net = AdapterNetwork.build("sdxl", {"unet": student}, config)
+        net.attach()
+        train_config = TrainConfig(steps=steps, batch_size=8, learning_rate=1e-2 if algo == "lokr" else 5e-3,
+                                   scheduler="cosine", seed=seed)
         objective = DistillObjective(teacher, context)
-        result = train(net, lambda x, t, b: student(x, t, context.expand(x.shape[0], -1, -1)), data, objective, config)
+        result = train(net, lambda x, t, b: student(x, t, context.expand(x.shape[0], -1, -1)), data, objective,
+                       train_config)
         start, end = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
         num[f"{algo}_loss_start"], num[f"{algo}_loss_end"] = start, end
         num[f"{algo}_eval_loss"] = _eval_loss(student, teacher, context, seed)
-        tensors = net.file_state_dict()
-        rank = LOKR_RANK if algo == "lokr" else RANK
+        tensors = {k: v.detach().contiguous() for k, v in net.file_state_dict("kohya").items()}
+        rank = config.network_dim
         meta = build_metadata(algorithm=algo, family="sdxl", network_dim=rank, network_alpha=float(rank),
-                              conv_dim=rank, conv_alpha=float(rank), factor=4 if algo == "lokr" else -1,
-                              training={"steps": steps, "learning_rate": config.learning_rate},
+                              conv_dim=rank, conv_alpha=float(rank), factor=config.factor,
+                              training={"steps": steps, "learning_rate": train_config.learning_rate},
                               title=f"hadakron demo {algo}", tensors=tensors)
         files[algo] = write_adapter(out / f"{algo}.safetensors", tensors, meta, overwrite=overwrite)
-        n_train = sum(p.numel() for p in net.parameters())
-        echo(f"   loss {start:.4f} -> {end:.4f} (mean of first/last 5 steps); held-out loss {num[f'{algo}_eval_loss']:.4f} "
-             f"(base {num['base_loss']:.4f}); {n_train} trainable parameters")
+        n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        echo(f"   {len(net.targets)} layers adapted (sd-scripts' SDXL targets with conv_dim, as present in the tiny "
+             f"model); {n_train} trainable parameters")
+        echo(f"   loss {start:.4f} -> {end:.4f} (mean of first/last 5 steps); held-out loss "
+             f"{num[f'{algo}_eval_loss']:.4f} (base {num['base_loss']:.4f})")
         echo(f"   saved {files[algo].name}: {len(tensors)} tensors, {_size(files[algo])}")
-        net.detach_hooks()
+        net.detach()
         done(t0, f"train_{algo}")
 
     # 3. inspect
     t0 = step("3. inspect the saved files")
     from hadakron.commands.inspect import describe
-    adapters = {algo: read_adapter(files[algo]) for algo in makers}
+    adapters = {algo: read_adapter(files[algo]) for algo in configs}
     for algo, a in adapters.items():
         r = describe(a)
         size_notes = [p for p in r["problems"] if "but SDXL" in p]

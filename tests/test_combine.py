@@ -110,3 +110,17 @@ def test_combine_in_peft_layout(three):
     alpha = float(result.tensors["base_model.model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.alpha"])
     got = up @ down * alpha / down.shape[0]
     assert (got - expected[Q]).norm() <= 1e-5 * expected[Q].norm()
+
+
+def test_in_memory_adapter_without_a_path(tmp_path):
+    """A trainer's in-memory adapter (AdapterFile with path None) combines and is named in reports."""
+    from hadakron.io import AdapterFile
+
+    params = loha(C, C, 2, 1.0, seed=11)
+    mem = AdapterFile(path=None, tensors={f"{Q}.{k}": v for k, v in params.items()}, metadata={}, modules={Q: params})
+    result = combine([(mem, 2.0)])
+    up, down = result.tensors[f"{Q}.lora_up.weight"].double(), result.tensors[f"{Q}.lora_down.weight"].double()
+    got = up @ down * float(result.tensors[f"{Q}.alpha"]) / down.shape[0]
+    want = 2.0 * ref_delta(params, (C, C))
+    assert (got - want).norm() <= 1e-5 * want.norm()
+    assert json.loads(result.metadata["hadakron.combined_from"])[0]["file"] == "in-memory adapter"

@@ -18,7 +18,7 @@ from hadakron.io import AdapterFile
 from hadakron.io.safetensors_format import TensorEntry
 from hadakron.merge.checkpoint_stream import IN_FLIGHT, read_checkpoint_header, rewrite_checkpoint
 from hadakron.merge.checkpoint_targets import CheckpointIndex, WeightTarget, index_checkpoint
-from hadakron.merge.module_names import NamedModule, name_modules
+from hadakron.merge.module_names import NamedModule, adapter_name, name_modules
 from hadakron.merge.accumulate import add_delta_, prepare
 
 BAKED_METADATA_KEY = "hadakron.baked_adapters"
@@ -154,13 +154,13 @@ def plan_patches(index: CheckpointIndex, adapters: Sequence[tuple[AdapterFile, f
     plan: dict[str, list[Patch]] = {}
     reports = []
     for adapter, strength in adapters:
-        report = AdapterBakeReport(name=adapter.path.name, strength=float(strength))
+        report = AdapterBakeReport(name=adapter_name(adapter), strength=float(strength))
         for m in name_modules(adapter.modules, family):
             reason, target = _match(index, m)
             if target is None:
                 report.unmatched.append((m.label, reason))
                 continue
-            label = f"{adapter.path.name}: {m.file_key} -> {target.key}" + (
+            label = f"{adapter_name(adapter)}: {m.file_key} -> {target.key}" + (
                 f"[{target.rows[0]}:{target.rows[1]}]" if target.rows else "")
             plan.setdefault(target.key, []).append(Patch(target.rows, target.transposed, m.params, float(strength), label))
             report.applied.append(m.label)

@@ -19,7 +19,7 @@ import torch
 from hadakron.arch import file_key, get_family, module_key
 from hadakron.io import AdapterFile, build_metadata, with_hashes, write_adapter
 from hadakron.merge.low_rank import reduce_pair, stack_pairs
-from hadakron.merge.module_names import NamedModule, name_modules
+from hadakron.merge.module_names import NamedModule, adapter_name, name_modules
 from hadakron.ops import lora_form, module_factors
 
 
@@ -137,7 +137,7 @@ def _group(adapters: Sequence[tuple[AdapterFile, float]], family: str | None
     groups: dict[object, list[tuple[NamedModule, float, str]]] = {}
     skipped: list[tuple[str, str]] = []
     for adapter, strength in adapters:
-        name = adapter.path.name
+        name = adapter_name(adapter)
         for m in name_modules(adapter.modules, family):
             if m.algorithm is None:
                 skipped.append((f"{name}: {m.file_key}", f"not a LoHa, LoKr or LoRA module ({', '.join(sorted(m.params))})"))
@@ -193,7 +193,7 @@ def combined_metadata(result: CombineResult, adapters: Sequence[tuple[AdapterFil
     ranks = {m.module_key: m.rank for m in result.modules}
     record = {
         "hadakron.combined_from": json.dumps([
-            {"file": a.path.name, "strength": float(s), "sshs_model_hash": a.metadata.get("sshs_model_hash", ""),
+            {"file": adapter_name(a), "strength": float(s), "sshs_model_hash": a.metadata.get("sshs_model_hash", ""),
              "algorithm": a.metadata.get("hadakron.algorithm") or a.metadata.get("ss_network_module", "")}
             for a, s in adapters]),
         "hadakron.combine_rank": "exact" if result.target_rank is None else str(result.target_rank),

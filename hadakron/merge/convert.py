@@ -13,6 +13,7 @@ import torch
 from hadakron.arch import LAYOUTS, convert_state_dict, detect_family
 from hadakron.io import AdapterFile, write_adapter
 from hadakron.merge.combine import CombineResult, combine
+from hadakron.merge.module_names import adapter_name
 
 
 def file_layout(adapter: AdapterFile) -> str | None:
@@ -31,8 +32,8 @@ def to_lora(adapter: AdapterFile, *, rank: int | None = None, layout: str | None
         if layout not in LAYOUTS:
             layout = "kohya"
     result = combine([(adapter, 1.0)], rank=rank, layout=layout, dtype=dtype, family=family,
-                     title=f"{adapter.path.stem} as LoRA")
-    result.metadata["hadakron.converted_from"] = adapter.path.name
+                     title=f"{Path(adapter_name(adapter)).stem} as LoRA")
+    result.metadata["hadakron.converted_from"] = adapter_name(adapter)
     return result
 
 
@@ -57,7 +58,7 @@ def convert_layout(adapter: AdapterFile, layout: str, *, family: str | None = No
     try:
         tensors = convert_state_dict(adapter.tensors, layout, family or detected.family)
     except ValueError as exc:
-        raise ValueError(f"{adapter.path}: {exc}") from None
+        raise ValueError(f"{adapter_name(adapter)}: {exc}") from None
     metadata = dict(adapter.metadata)
     metadata["hadakron.converted_layout"] = f"{detected.layout or 'unknown'} -> {layout}"
     return LayoutConversion(tensors=tensors, metadata=metadata, source_layout=detected.layout, layout=layout)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -36,6 +37,12 @@ class NamedModule:
         """Readable name for reports: `family/part dotted` or the file key."""
         c = self.canonical
         return f"{c[0]}/{c[1]} {c[2]}" if c else self.file_key
+
+
+def adapter_name(adapter) -> str:
+    """The adapter's file name for reports, or "in-memory adapter" when it was never saved (path None)."""
+    path = getattr(adapter, "path", None)
+    return Path(path).name if path else "in-memory adapter"
 
 
 def file_family(keys: list[str], hint: str | None = None) -> str | None:

@@ -258,3 +258,22 @@ def test_index_maps_openclip_qkv_rows():
     idx = index_checkpoint({G + "attn.in_proj_weight": (3 * 1280, 1280), "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)})
     t = idx.targets[("sdxl", "te2", "text_model.encoder.layers.0.self_attn.v_proj")]
     assert t.key == G + "attn.in_proj_weight" and t.rows == (2560, 3840)
+
+
+def test_bake_dora_module_follows_the_dora_formula(tmp_path):
+    """A module with a row-wise dora_scale: W' = W + s * (W_d - W), W_d = (W + dW) * m / ||W + dW||_row (float64 ref)."""
+    key = U + "attn1.to_q.weight"
+    layout = {key: ((C, C), torch.float32), U + "attn1.to_k.weight": ((C, C), torch.float32)}
+    base = tmp_path / "base.safetensors"
+    tensors = make_checkpoint(base, layout=layout, metadata={})
+    params = loha(C, C, 2, 1.0, seed=3)
+    params["dora_scale"] = torch.rand(C, 1, generator=torch.Generator().manual_seed(4)) + 0.5
+    adapter = save_adapter(tmp_path / "dora.safetensors", {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": params})
+    out = tmp_path / "out.safetensors"
+    bake_checkpoint(base, [(adapter, 0.6)], out)
+    w = tensors[key].double()
+    merged = w + ref_delta(params, (C, C))
+    wd = merged * params["dora_scale"].double() / (merged.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)
+    want = w + 0.6 * (wd - w)
+    _close(load_file(str(out))[key], want, key)
+    assert torch.equal(load_file(str(out))[U + "attn1.to_k.weight"], tensors[U + "attn1.to_k.weight"])

@@ -129,3 +129,54 @@ def test_adapter_combine_writes_lora_that_comfy_applies_exactly(comfy_env, merge
     via_merge = patched_weights(merged_model, keys)
     for k in keys:
         assert (via_lora[k] - via_merge[k]).abs().max() <= 1e-5 * (1 + via_merge[k].abs().max()), k
+
+
+def test_anima_merge_then_checkpoint_save_equals_file_bake(comfy_env, merge_nodes, small_anima, small_anima_clip,
+                                                           write_lora, loras_dir, tmp_path):
+    """Anima DiT + Qwen3 text encoder: the saved checkpoint (model.diffusion_model., cond_stage_model.qwen3_06b...)
+    baked by `hadakron merge` equals Adapter Merge -> CheckpointSave."""
+    from hadakron.comfy_keys import comfy_weight_key
+    from hadakron.io import read_adapter
+    from hadakron.merge import bake_checkpoint
+
+    msd, csd = small_anima.model.state_dict(), small_anima_clip.cond_stage_model.state_dict()
+    g = torch.Generator().manual_seed(9)
+    tensors = {}
+    for part, dotted, form, sd, prefix in (
+            ("unet", "blocks.0.self_attn.q_proj", "lokr_lowrank", msd, "lora_unet_"),
+            ("unet", "blocks.3.mlp.layer1", "loha", msd, "lora_unet_"),
+            ("unet", "llm_adapter.blocks.0.cross_attn.q_proj", "lokr_both", msd, "lora_unet_"),
+            ("te", "layers.1.mlp.up_proj", "loha", csd, "lora_te_")):
+        shape = tuple(sd[comfy_weight_key("anima", part, dotted)].shape)
+        for p, t in make_params(form, shape, g, rank=2, alpha=2.0).items():
+            tensors[f"{prefix}{dotted.replace('.', '_')}.{p}"] = t
+    name = write_lora("anima_merge.safetensors", tensors)
+    merged_model, merged_clip, text = merge_nodes.HadakronAdapterMerge().merge(
+        small_anima, name, 0.9, clip=small_anima_clip)["result"]
+    assert "4 modules applied, 0 not applied" in text
+    base_file = _save(comfy_env, small_anima, small_anima_clip, "anima_base", tmp_path)
+    merged_file = _save(comfy_env, merged_model, merged_clip, "anima_merged", tmp_path)
+    ours = tmp_path / "anima_ours.safetensors"
+    report = bake_checkpoint(base_file, [(read_adapter(loras_dir / name), 0.9)], ours)
+    assert report.weights_changed == 4 and set(report.checkpoint_parts) == {"anima/unet", "anima/te"}
+    comfy_sd, our_sd = load_file(str(merged_file)), load_file(str(ours))
+    assert comfy_sd.keys() == our_sd.keys()
+    for k in our_sd:
+        assert torch.equal(comfy_sd[k], our_sd[k]), k
+
+
+def test_in_memory_adapter_merges_like_its_file(comfy_env, merge_nodes, small_sdxl, small_sdxl_clip, write_lora,
+                                                loras_dir):
+    from hadakron.io import AdapterFile, read_adapter
+
+    a, _ = _adapters(small_sdxl, small_sdxl_clip, write_lora)
+    f = read_adapter(loras_dir / a)
+    mem = AdapterFile(path=None, tensors=f.tensors, metadata=f.metadata, modules=f.modules, problems=[])
+    node = merge_nodes.HadakronAdapterMerge()
+    by_file, _, _ = node.merge(small_sdxl, a, 0.75)["result"]
+    by_mem, _, text = node.merge(small_sdxl, a, 0.0, adapter=mem, adapter_strength=0.75)["result"]
+    assert "in-memory adapter @ 0.75" in text
+    keys = [f"diffusion_model.{UNET_Q}.weight", f"diffusion_model.{UNET_CONV}.weight"]
+    w_file, w_mem = patched_weights(by_file, keys), patched_weights(by_mem, keys)
+    for k in keys:
+        assert torch.equal(w_file[k], w_mem[k])

@@ -78,43 +78,84 @@ def make_adapter(algo: str, rank: int, factor: int, seed: int = 0) -> dict:
     return out
 
 
-def run_case(comfy_path: str, impl: str, algo: str, rank: int, factor: int, sample_out: str | None) -> dict:
-    """One measurement in this process: build, patch, compute every patched weight."""
+def _attach(comfy, patcher, impl: str, algo: str, tensors: dict):
+    """Clone `patcher` and add the adapter's patches through hadakron's loader or ComfyUI's LoraLoader path."""
+    if impl == "hadakron":
+        import importlib
+        import importlib.util
+        name = "hadakron_pack_bench"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
+                                                          submodule_search_locations=[str(REPO)])
+            pack = importlib.util.module_from_spec(spec)
+            sys.modules[name] = pack
+            spec.loader.exec_module(pack)
+        loader = importlib.import_module(name + ".nodes.loader")
+        from hadakron.io import AdapterFile
+        adapter = AdapterFile(path=Path(f"bench_{algo}.safetensors"), tensors=tensors, metadata={})
+        patched, _clip, report = loader.apply_adapter(patcher, None, adapter, 1.0, 0.0)
+        return patched, len(report.matched)
+    patched, _clip = comfy.sd.load_lora_for_models(patcher, None, tensors, 1.0, 0.0)
+    return patched, len(patched.patches)
+
+
+def _build_full_sdxl(comfy):
     import torch
-    comfy = _import_comfy(comfy_path)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = dict(FULL_SDXL_UNET, dtype=torch.bfloat16)
     mc = comfy.supported_models.SDXL(cfg)
     mc.set_inference_dtype(torch.bfloat16, None)
-    t0 = time.perf_counter()
     model = mc.get_model({})
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
     cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def run_paired(comfy_path: str, algo: str, rank: int, factor: int) -> dict:
+    """Both implementations in one process, timed key by key in alternating order (robust to a busy machine)."""
+    import torch
+    comfy = _import_comfy(comfy_path)
+    patcher = _build_full_sdxl(comfy)
+    tensors = make_adapter(algo, rank, factor)
+    cpu = torch.device("cpu")
+    attached, attach_s, modules = {}, {}, {}
+    for impl in ("hadakron", "comfyui"):
+        t0 = time.perf_counter()
+        attached[impl], modules[impl] = _attach(comfy, patcher, impl, algo, tensors)
+        attach_s[impl] = round(time.perf_counter() - t0, 2)
+    keys = sorted(attached["hadakron"].patches)
+    assert keys == sorted(attached["comfyui"].patches)
+    total = {"hadakron": 0.0, "comfyui": 0.0}
+    max_diff = 0.0
+    for i, key in enumerate(keys):
+        order = ("hadakron", "comfyui") if i % 2 == 0 else ("comfyui", "hadakron")
+        out = {}
+        for impl in order:
+            t0 = time.perf_counter()
+            out[impl] = attached[impl].patch_weight_to_device(key, device_to=cpu, return_weight=True)
+            total[impl] += time.perf_counter() - t0
+        max_diff = max(max_diff, (out["hadakron"].float() - out["comfyui"].float()).abs().max().item())
+    return {"mode": "paired", "algo": algo, "modules": modules, "keys": len(keys),
+            "patch_s": {k: round(v, 1) for k, v in total.items()},
+            "ratio_hadakron_over_comfyui": round(total["hadakron"] / total["comfyui"], 3),
+            "attach_s": attach_s, "max_abs_diff_bf16": max_diff}
+
+
+def run_case(comfy_path: str, impl: str, algo: str, rank: int, factor: int, sample_out: str | None) -> dict:
+    """One measurement in this process: build, patch, compute every patched weight."""
+    import torch
+    comfy = _import_comfy(comfy_path)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    patcher = _build_full_sdxl(comfy)
+    cpu = torch.device("cpu")
     build_s = time.perf_counter() - t0
     tensors = make_adapter(algo, rank, factor)
     file_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
     base_rss = _rss_mb()
-
     t0 = time.perf_counter()
-    if impl == "hadakron":
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("hadakron_pack_bench", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules["hadakron_pack_bench"] = pack
-        spec.loader.exec_module(pack)
-        import importlib
-        loader = importlib.import_module("hadakron_pack_bench.nodes.loader")
-        from hadakron.io import AdapterFile
-        adapter = AdapterFile(path=Path(f"bench_{algo}.safetensors"), tensors=tensors, metadata={})
-        patched, _clip, report = loader.apply_adapter(patcher, None, adapter, 1.0, 0.0)
-        n_matched = len(report.matched)
-    else:
-        patched, _clip = comfy.sd.load_lora_for_models(patcher, None, tensors, 1.0, 0.0)
-        n_matched = len(patched.patches)
+    patched, n_matched = _attach(comfy, patcher, impl, algo, tensors)
     attach_s = time.perf_counter() - t0
 
     keys = sorted(patched.patches)
@@ -150,14 +191,17 @@ def main(argv=None) -> int:
         if args.hada_chunk:
             import hadakron.ops.rebuild
             hadakron.ops.rebuild.HADA_CHUNK_ELEMENTS = args.hada_chunk
-        print(json.dumps(run_case(args.comfyui, impl, algo, args.rank, args.factor, sample or None)))
+        if impl == "paired":
+            print(json.dumps(run_paired(args.comfyui, algo, args.rank, args.factor)))
+        else:
+            print(json.dumps(run_case(args.comfyui, impl, algo, args.rank, args.factor, sample or None)))
         return 0
     import tempfile
-    results = []
+    results, paired_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for algo in args.algos.split(","):
             samples = {}
-            for impl in args.impls.split(","):
+            for impl in ["paired"] + args.impls.split(","):
                 sample = os.path.join(tmp, f"{impl}_{algo}.pt")
                 cmd = [sys.executable, __file__, "--comfyui", args.comfyui, "--rank", str(args.rank),
                        "--factor", str(args.factor), "--hada-chunk", str(args.hada_chunk),
@@ -167,6 +211,10 @@ def main(argv=None) -> int:
                     print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
                     return 1
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
+                if impl == "paired":
+                    print(json.dumps(res), flush=True)
+                    paired_rows.append(res)
+                    continue
                 results.append(res)
                 samples[impl] = sample
                 print(json.dumps(res), flush=True)
@@ -176,7 +224,14 @@ def main(argv=None) -> int:
             a, b = torch.load(samples["hadakron"]), torch.load(samples["comfyui"])
             diff = max((a[k] - b[k]).abs().max().item() for k in a)
             print(json.dumps({"algo": algo, "sampled_keys": len(a), "max_abs_diff_hadakron_vs_comfyui": diff}), flush=True)
-    print("\n| algo | impl | modules | patch all weights (s) | peak RSS over model (MB) | attach (s) |")
+    print("\nPaired (same process, keys alternated): time to compute every patched weight")
+    print("| algo | hadakron (s) | ComfyUI (s) | ratio | max abs diff (bf16 out) |")
+    print("|---|---|---|---|---|")
+    for r in paired_rows:
+        print(f"| {r['algo']} | {r['patch_s']['hadakron']} | {r['patch_s']['comfyui']} | "
+              f"{r['ratio_hadakron_over_comfyui']} | {r['max_abs_diff_bf16']} |")
+    print("\nSeparate processes (peak RSS is per process; times here are noisy on a shared machine)")
+    print("| algo | impl | modules | patch all weights (s) | peak RSS over model (MB) | attach (s) |")
     print("|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['algo']} | {r['impl']} | {r['modules']} | {r['patch_s']} | {r['peak_rss_over_model_mb']} | {r['attach_s']} |")

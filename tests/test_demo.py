@@ -1,7 +1,6 @@
 """`hadakron demo` runs end to end (short: 10 training steps) and its numbers say the file work was exact."""
 from __future__ import annotations
 
-import pytest
 from safetensors.torch import load_file
 
 from hadakron.cli import main

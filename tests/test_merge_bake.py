@@ -3,7 +3,6 @@ LoRA, on a tiny SDXL-named single-file checkpoint (UNet, CLIP-L, OpenCLIP CLIP-G
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from hadakron.io import read_adapter
 from hadakron.merge import OutputExistsError, bake_checkpoint, index_checkpoint
 from test_merge_fixtures import C, CLIP, loha, lokr, lora, make_checkpoint, ref_delta, save_adapter
 

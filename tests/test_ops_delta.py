@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hadakron.ops import algorithm_of, delta_weight, loha_delta, lokr_delta, module_rank, module_scale
-from hadakron.ops import Full, LowRank, Tucker
+from hadakron.ops import Full, LowRank
 
 D = torch.float64
 

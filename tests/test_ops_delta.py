@@ -269,3 +269,16 @@ def test_scale_edge_cases_missing_alpha_zero_alpha_and_lora_rank():
     lora = {"lora_up.weight": rnd(3, 5, 1, 1), "lora_down.weight": rnd(5, 2, 3, 3), "alpha": torch.tensor(2.5)}
     assert module_rank(lora) == 5 and module_scale(lora) == pytest.approx(0.5)
     assert algorithm_of({"alpha": torch.tensor(1.0)}) is None and module_rank({}) is None
+
+
+def test_agrees_with_lycoris_lokr_conv_and_decompose_both():
+    lokr = pytest.importorskip("lycoris.functional.lokr")
+    w1, w2a, w2b = rnd(2, 3), rnd(4, 2), rnd(2, 5, 3, 3)  # LyCORIS flat conv keeps w2_b 4-D
+    p = {"lokr_w1": w1, "lokr_w2_a": w2a, "lokr_w2_b": w2b, "alpha": torch.tensor(1.0)}
+    ly = lokr.diff_weight(w1, None, None, None, w2a, w2b, None, gamma=1.0, backend="torch")
+    torch.testing.assert_close(delta_weight(p, (8, 15, 3, 3), dtype=D), ly.reshape(8, 15, 3, 3))
+    # both factors decomposed with the same rank: LyCORIS's w1-first and ComfyUI's w2-first rank agree
+    w1a, w1b, w2a, w2b = rnd(6, 2), rnd(2, 4), rnd(5, 2), rnd(2, 7)
+    pb = {"lokr_w1_a": w1a, "lokr_w1_b": w1b, "lokr_w2_a": w2a, "lokr_w2_b": w2b, "alpha": torch.tensor(3.0)}
+    ly = lokr.diff_weight(None, w1a, w1b, None, w2a, w2b, None, gamma=3.0, backend="torch")
+    torch.testing.assert_close(delta_weight(pb, dtype=D), ly)

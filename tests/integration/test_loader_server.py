@@ -29,3 +29,29 @@ def test_object_info_lists_loader_nodes(comfy_server):
     # the per-node route answers too, and the pack was imported from custom_nodes/hadakron
     one = _get(comfy_server["url"] + "/object_info/HadakronLoader")
     assert one["HadakronLoader"]["python_module"].endswith("hadakron")
+
+
+def test_pack_finds_its_library_without_install(comfy_env, tmp_path):
+    """ComfyUI-Manager installs only requirements.txt: the pack must import `hadakron` from its own folder."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()
+                            and "editable" not in getattr(f, "__name__", "").lower()]
+        sys.path[:] = [{comfy_env.root!r}] + [p for p in sys.path if p not in ("", ".", {str(repo)!r})]
+        assert importlib.util.find_spec("hadakron") is None, "hadakron still importable"
+        import comfy.options, comfy.cli_args
+        comfy.cli_args.args.cpu = True
+        spec = importlib.util.spec_from_file_location("custom_pack", {str(repo / '__init__.py')!r},
+                                                      submodule_search_locations=[{str(repo)!r}])
+        mod = importlib.util.module_from_spec(spec); sys.modules["custom_pack"] = mod; spec.loader.exec_module(mod)
+        print(sorted(mod.NODE_CLASS_MAPPINGS))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'HadakronLoader', 'HadakronLoaderModelOnly'" in proc.stdout

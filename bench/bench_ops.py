@@ -1,6 +1,6 @@
 """Benchmark of hadakron.ops: delta-W rebuilds and bypass products at SDXL / Anima layer shapes.
 
-Run: python bench/bench_ops.py [--threads 1] [--repeats 5] [--tokens 1024] [--quick] [--clock thread|wall]
+Run: python bench/bench_ops.py [--threads 1] [--repeats 5] [--tokens 1024] [--quick] [--clock thread|wall] [--thp]
 
 Anchors in the same run: lycoris-lora (its functional API and its default LoKr module), ComfyUI's formulas written
 as ComfyUI 0.29 computes them (torch.kron of the rebuilt factors times the scale; (w1a@w1b)*(w2a@w2b)*scale), and
@@ -17,8 +17,11 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn as nn
+if "--thp" in sys.argv:  # must be set before torch allocates: 2 MiB pages for large CPU tensors (c10 allocator)
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -297,11 +300,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer bypass shapes")
     ap.add_argument("--clock", choices=("thread", "wall"), default="thread")
     ap.add_argument("--only", choices=("delta", "bypass", "step"), nargs="+")
+    ap.add_argument("--thp", action="store_true",
+                    help="THP_MEM_ALLOC_ENABLE=1: huge pages for large tensors, so fresh outputs cost their writes "
+                         "rather than 4 KiB page faults (which otherwise dominate every large rebuild on CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     CLOCK = time.thread_time if args.clock == "thread" else time.perf_counter
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock {args.clock}, median of {args.repeats}, "
-          f"lycoris {'present' if ly_lokr is not None else 'absent'}")
+          f"lycoris {'present' if ly_lokr is not None else 'absent'}, huge pages {'on' if args.thp else 'off'}")
     sections = args.only or ("delta", "bypass", "step")
     with torch.no_grad():
         if "delta" in sections:

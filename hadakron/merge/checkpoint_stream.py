@@ -188,6 +188,50 @@ class _Writer(threading.Thread):
             raise self.error
 
 
+READ_AHEAD = 2
+"""Replaced tensors read ahead on a reader thread while the current one is computed."""
+
+
+class _Reader(threading.Thread):
+    """Reads the tensors to replace, in file order, into rotating buffers ahead of the computation."""
+
+    def __init__(self, path: Path, header: Header, entries: list[TensorEntry]) -> None:
+        super().__init__(name="hadakron-checkpoint-reader", daemon=True)
+        self.path, self.header, self.entries = path, header, entries
+        largest = max((e.end - e.begin for e in entries), default=0)
+        # one being filled, READ_AHEAD queued, one in use by the consumer: never overwritten while in use
+        self.buffers = [bytearray(largest) for _ in range(READ_AHEAD + 2)] if entries else []
+        self.items: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                for i, entry in enumerate(self.entries):
+                    if self.stop.is_set():
+                        return
+                    tensor = read_entry(f, self.header, entry, self.buffers[i % len(self.buffers)])
+                    self._put((entry.name, tensor, None))
+        except BaseException as exc:  # handed to the consumer
+            self._put((None, None, exc))
+
+    def _put(self, item: tuple) -> None:
+        while not self.stop.is_set():
+            try:
+                self.items.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self, name: str) -> torch.Tensor:
+        got, tensor, exc = self.items.get()
+        if exc is not None:
+            raise exc
+        if got != name:
+            raise RuntimeError(f"reader out of order: expected {name!r}, got {got!r}")
+        return tensor
+
+
 def rewrite_checkpoint(base_path: str | Path, out_path: str | Path, replace: Mapping[str, Transform],
                        metadata: Mapping[str, str], *, overwrite: bool = False,
                        on_tensor: Callable[[TensorEntry], None] | None = None) -> Path:
@@ -205,19 +249,19 @@ def rewrite_checkpoint(base_path: str | Path, out_path: str | Path, replace: Map
     missing = sorted(set(replace) - {e.name for e in header.entries})
     if missing:
         raise KeyError(f"{base}: no tensor named {missing[0]!r} to replace ({len(missing)} missing)")
-    largest = max((e.end - e.begin for e in header.entries if e.name in replace), default=0)
-    read_buffer = bytearray(largest)  # one buffer for every replaced tensor: no per-tensor allocation
-    with open(base, "rb") as src, open(base, "rb") as src_copy, atomic_output(out, overwrite=overwrite) as dst:
+    reader = _Reader(base, header, [e for e in header.entries if e.name in replace])
+    with open(base, "rb") as src_copy, atomic_output(out, overwrite=overwrite) as dst:
         dst.write(header_for_entries(header.entries, metadata))
         writer = _Writer(src_copy, dst, header.data_start)
         writer.start()
+        reader.start()
         try:
             for entry in header.entries:
                 transform = replace.get(entry.name)
                 if transform is None:
                     writer.put(("copy", header.data_start + entry.begin, entry.end - entry.begin))
                 else:
-                    new = transform(entry, read_entry(src, header, entry, read_buffer))
+                    new = transform(entry, reader.next(entry.name))
                     want = DTYPE_FROM_NAME[entry.dtype]
                     if new.dtype != want or tuple(new.shape) != entry.shape:
                         raise ValueError(f"{base}: replacement for {entry.name!r} must keep {entry.dtype} "
@@ -226,5 +270,7 @@ def rewrite_checkpoint(base_path: str | Path, out_path: str | Path, replace: Map
                 if on_tensor is not None:
                     on_tensor(entry)
         finally:
+            reader.stop.set()
+            reader.join()
             writer.finish()
     return out

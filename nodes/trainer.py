@@ -31,7 +31,7 @@ from hadakron.train import (
 
 from .loader import apply_adapter, model_family
 from .save_adapter import ADAPTER_TYPE, CATEGORY, save_adapter
-from .trainer_runtime import checkpoint_blocks, run_training
+from .trainer_runtime import autograd_safe_text_encoders, checkpoint_blocks, run_training
 
 log = logging.getLogger("hadakron")
 LOSS_EVENT = "hadakron.loss"
@@ -188,22 +188,53 @@ def _common_inputs(lokr: bool) -> dict:
         "autosave_prefix": ("STRING", {"default": "hadakron/autosave"}),
         "resume_from": ([NONE] + folder_paths.get_filename_list("loras"), {"default": NONE}),
     })
-    return {"required": req, "hidden": {"unique_id": "UNIQUE_ID"}}
+    optional = {
+        "clip": ("CLIP", {"tooltip": "Connect with captions to train the text encoder(s) too."}),
+        "captions": ("STRING", {"default": "", "multiline": True,
+                                "tooltip": "One caption per line, one per latent (or a single one for all). "
+                                           "Needs clip; empty: the text encoder is not trained."}),
+        "te_learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 1e-6,
+                                       "tooltip": "Text-encoder lr; 0: the same as learning_rate."}),
+    }
+    return {"required": req, "optional": optional, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+
+def text_encoder_parts(clip, family: str) -> dict:
+    """The CLIP object's text-encoder modules under the family's part names (SDXL te1/te2, Anima te)."""
+    stage = clip.cond_stage_model
+    names = {"sdxl": {"te1": "clip_l", "te2": "clip_g"}, "anima": {"te": "qwen3_06b"}}[family]
+    parts = {part: getattr(stage, attr) for part, attr in names.items() if getattr(stage, attr, None) is not None}
+    if not parts:
+        raise ValueError(f"the CLIP input has none of the {family.upper()} text encoders ({sorted(names.values())})")
+    return parts
+
+
+def split_captions(captions: list, count: int) -> list[str]:
+    """Captions, one per line across the inputs; one caption serves every latent."""
+    lines = [ln.strip() for text in captions for ln in str(text or "").splitlines() if ln.strip()]
+    if len(lines) == 1:
+        return lines * count
+    if len(lines) != count:
+        raise ValueError(f"got {len(lines)} captions for {count} latents; give one, or one per latent (one per line)")
+    return lines
 
 
 class _Trainer:
     ALGORITHM = ""
     CATEGORY = CATEGORY
     INPUT_IS_LIST = True
-    RETURN_TYPES = (ADAPTER_TYPE, "MODEL", "LOSS_MAP")
-    RETURN_NAMES = ("adapter", "model", "loss")
-    OUTPUT_IS_LIST = (False, False, False)
+    RETURN_TYPES = (ADAPTER_TYPE, "MODEL", "LOSS_MAP", "CLIP")
+    RETURN_NAMES = ("adapter", "model", "loss", "clip")
+    OUTPUT_IS_LIST = (False, False, False, False)
     FUNCTION = "train"
     OUTPUT_NODE = True
 
-    def train(self, model, latents, positive, unique_id=None, **inputs):
+    def train(self, model, latents, positive, unique_id=None, clip=None, captions=None, te_learning_rate=None,
+              **inputs):
         kw = {k: _first(v) for k, v in inputs.items()}
-        model, node_id = _first(model), _first(unique_id)
+        model, node_id, clip = _first(model), _first(unique_id), _first(clip)
+        te_lr = float(_first(te_learning_rate) or 0.0) or None
+        train_te = clip is not None and any(str(c or "").strip() for c in (captions or []))
         algo = self.ALGORITHM
         family = model_family(model)
         with torch.inference_mode(False), torch.enable_grad():
@@ -212,14 +243,26 @@ class _Trainer:
             mp = model.clone()
             dm = mp.model.diffusion_model
             dm.requires_grad_(False)
-            net = AdapterNetwork.build(family, {"unet": dm}, _network_config(algo, kw), device=mp.load_device)
+            parts = {"unet": dm}
+            encode = None
+            if train_te:
+                lines = split_captions(captions, len(samples))
+                te_clip = clip.clone()
+                te_parts = text_encoder_parts(te_clip, family)
+                for module in te_parts.values():
+                    module.requires_grad_(False)
+                parts.update(te_parts)
+
+                def encode(i, _clip=te_clip, _lines=lines):
+                    return _clip.encode_from_tokens(_clip.tokenize(_lines[i]), return_pooled=True, return_dict=True)
+            net = AdapterNetwork.build(family, parts, _network_config(algo, kw), device=mp.load_device)
             resume = _resume(net, kw["resume_from"], family) if kw["resume_from"] != NONE else None
             config = TrainConfig(
                 steps=kw["steps"], batch_size=kw["batch_size"], learning_rate=kw["learning_rate"],
                 optimizer=kw["optimizer"], weight_decay=kw["weight_decay"], scheduler=kw["scheduler"],
                 warmup_steps=kw["warmup_steps"], grad_accum_steps=kw["grad_accum_steps"],
                 max_grad_norm=kw["max_grad_norm"], dtype=kw["training_dtype"], seed=kw["seed"],
-                save_every=kw["save_every"],
+                save_every=kw["save_every"], te_lr=te_lr,
             )
             pbar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
             losses: list[float] = []
@@ -243,20 +286,23 @@ class _Trainer:
                 interrupt_exceptions=(comfy.model_management.InterruptProcessingException,),
             )
             blocks = checkpoint_blocks(dm, family, llm_adapter=kw["train_llm_adapter"])
-            result = run_training(mp, net, samples, conds, config, callbacks, resume=resume, blocks=blocks,
-                                  gradient_checkpoint=kw["gradient_checkpointing"])
+            with autograd_safe_text_encoders([parts[p] for p in parts if p != "unet"]):
+                result = run_training(mp, net, samples, conds, config, callbacks, resume=resume, blocks=blocks,
+                                      gradient_checkpoint=kw["gradient_checkpointing"], encode=encode)
             snap = result.snapshot
             tensors = snap.adapter_tensors()
             meta = _metadata(algo, family, net, kw, result.step, len(samples), result.losses, tensors)
             adapter = _adapter_file(tensors, meta, snap.training_state())
         if result.stop_reason != "completed":
             log.warning("hadakron: %s", result.message)
-        model_out = apply_adapter(model, None, adapter, 1.0, 0.0, source=f"{algo} trainer")[0]
+        model_out, clip_out, _ = apply_adapter(model, clip if train_te else None, adapter, 1.0, 1.0,
+                                               source=f"{algo} trainer")
+        clip_out = clip_out if train_te else clip
         loss_map = {"loss": list(result.losses)}
         text = result.message or (f"trained to step {result.step}; final loss {result.losses[-1]:.5g}"
                                   if result.losses else f"no steps trained (step {result.step})")
         return {"ui": {"hadakron_loss": [json.dumps({"loss": list(result.losses)})], "text": [text]},
-                "result": (adapter, model_out, loss_map)}
+                "result": (adapter, model_out, loss_map, clip_out)}
 
 
 class HadakronLoKrTrainer(_Trainer):

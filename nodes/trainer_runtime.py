@@ -100,6 +100,37 @@ def differentiable_kitchen():
         quant_ops.ck = kitchen
 
 
+# ---------------------------------------------------------------- CLIP layers without in-place residuals
+
+
+def _out_of_place_clip_layer(layer):
+    """ComfyUI's CLIPLayer.forward with `x = x + ...` instead of `x += ...` (same math; autograd-safe)."""
+
+    def forward(x, mask=None, optimized_attention=None):
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+    return forward
+
+
+@contextlib.contextmanager
+def autograd_safe_text_encoders(modules):
+    """ComfyUI's CLIP layers add their residuals in place, which breaks backward; swap in an out-of-place
+    forward on every CLIPLayer instance while training, and restore after."""
+    import comfy.clip_model
+
+    patched = []
+    for root in modules:
+        for module in root.modules():
+            if isinstance(module, comfy.clip_model.CLIPLayer) and "forward" not in module.__dict__:
+                module.forward = _out_of_place_clip_layer(module)
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
+
+
 # ---------------------------------------------------------------- gradient checkpointing per block
 
 
@@ -159,11 +190,13 @@ class _HadakronSampler(comfy.samplers.Sampler):
 
 def run_training(mp, network, latents: list[torch.Tensor], positive: list, config: TrainConfig,
                  callbacks: TrainCallbacks, *, resume=None, blocks: list | None = None,
-                 gradient_checkpoint: bool = True):
+                 gradient_checkpoint: bool = True, encode: Callable[[int], dict] | None = None):
     """Train `network` (already built on mp's diffusion model) on latents/conds with the model's own objective.
 
     `latents`: per-sample latents (C, ...) in the VAE's space (process_latent_in is applied here);
-    `positive`: one conditioning entry per sample. Returns hadakron.train's TrainResult.
+    `positive`: one conditioning entry per sample. `encode(i)`, when given, re-encodes sample i's caption
+    with gradients (text-encoder training: `{"cond", "pooled_output", ...}` as CLIP.encode_from_tokens
+    returns with return_dict) and its model conds are rebuilt every step. Returns hadakron.train's TrainResult.
     """
     model_sampling = mp.get_model_object("model_sampling")
     device = mp.load_device
@@ -176,9 +209,21 @@ def run_training(mp, network, latents: list[torch.Tensor], positive: list, confi
         model_wrap.conds = process_cond_list(model_wrap.conds)
         conds = model_wrap.conds["positive"]
 
+        def fresh_cond(i, noisy):
+            out = dict(encode(i))
+            params = {k: v for k, v in conds[i].items() if k != "model_conds"}
+            params["cross_attn"] = out.pop("cond")
+            params.update(out)
+            params["model_conds"] = conds[i]["model_conds"]
+            return comfy.samplers.encode_model_conds(mp.model.extra_conds, [params], noisy[:1], noisy.device,
+                                                     "positive")[0]
+
         def model_call(noisy, sigma, batch):
             idx = list(batch.indices)
-            model_wrap.conds["positive"] = [conds[i] for i in idx]
+            if encode is None:
+                model_wrap.conds["positive"] = [conds[i] for i in idx]
+            else:
+                model_wrap.conds["positive"] = [fresh_cond(i, noisy) for i in idx]
             extra = make_batch_extra_option_dict(extra_args, idx, full_size=count)
             denoised = model_wrap(noisy, sigma, **extra)
             return raw_output_from_denoised(model_sampling, sigma, denoised, noisy)

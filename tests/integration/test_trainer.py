@@ -93,7 +93,8 @@ def test_trainer_loss_falls_and_files_load_everywhere(family, algo, comfy_env, t
     extra.update(conv_dim=4, conv_alpha=4.0)  # conv adapters too: the output conv learns fastest
     out = run_node(node_cls, model, latents, positive, steps=STEPS, learning_rate=LR, **extra)
     still = run_node(node_cls, model, latents, positive, steps=STEPS, learning_rate=1e-12, **extra)
-    adapter, new_model, loss_map = out["result"]
+    adapter, new_model, loss_map, clip_out = out["result"]
+    assert clip_out is None  # no clip connected: passed through
     losses, untrained = loss_map["loss"], still["result"][2]["loss"]
     print("LOSSES", family, algo, [round(x, 4) for x in losses], [round(x, 4) for x in untrained])
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
@@ -211,3 +212,52 @@ def test_live_loss_events_and_progress(comfy_env, trainer_mod, small_sdxl, outpu
     assert [d["loss"] for d in loss_events] == losses
     assert [d["lr"] for d in loss_events] == pytest.approx([5e-3, 5e-3 * 2 / 3, 5e-3 / 3])
     assert (3, 3, "7") in progress
+
+
+def sdxl_for_small_clip(env):
+    """Small SDXL whose context (CLIP-L 64 + CLIP-G 64) and adm (pooled 64 + 6*256) fit the small test CLIPs."""
+    import conftest as cf
+    cfg = dict(cf.SMALL_SDXL_UNET, context_dim=128, adm_in_channels=64 + 1536, dtype=torch.float32)
+    mc = env.comfy.supported_models.SDXL(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    cf.randomize_(model, 5)
+    cpu = torch.device("cpu")
+    return env.comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def anima_clip_full_vocab(env):
+    """A one-layer Anima text encoder with Qwen's full vocabulary and width 1024 (what the llm_adapter takes)."""
+    import comfy.text_encoders.anima as anima_te
+    import conftest as cf
+    target = env.comfy.supported_models_base.ClipTarget(anima_te.AnimaTokenizer, anima_te.te())
+    config = dict(cf.SMALL_QWEN3, vocab_size=151936, hidden_size=1024, num_attention_heads=8, num_hidden_layers=1)
+    clip = env.comfy.sd.CLIP(target=target, model_options={"qwen3_06b_model_config": config, "dtype": torch.float32})
+    cf.randomize_(clip.cond_stage_model, 6)
+    return clip
+
+
+@pytest.mark.parametrize("family", ["sdxl", "anima"])
+def test_text_encoder_training_with_captions(family, comfy_env, trainer_mod, small_sdxl, small_sdxl_clip,
+                                             small_anima, output_dir):
+    model, clip = (small_sdxl, small_sdxl_clip) if family == "sdxl" else (small_anima, anima_clip_full_vocab(comfy_env))
+    latents, positive = (sdxl_inputs if family == "sdxl" else anima_inputs)()
+    if family == "sdxl":  # the caption encodings replace the context: a UNet for the small CLIPs' widths
+        model = sdxl_for_small_clip(comfy_env)
+        positive = [[torch.zeros(1, 8, 128), {"pooled_output": torch.zeros(1, 64)}]]
+    te_before = {k: v.detach().clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    args = {k: [v] for k, v in node_kwargs(steps=3, factor=4, decompose_both=False).items()}
+    out = trainer_mod.HadakronLoKrTrainer().train(
+        model=[model], latents=[latents], positive=[positive], unique_id=["7"], clip=[clip],
+        captions=["a red cat\na blue dog"], te_learning_rate=[1e-2], **args)
+    adapter, _, loss_map, clip_out = out["result"]
+    te_prefix = "lora_te" if family == "anima" else "lora_te1_"
+    te_keys = [k for k in adapter.tensors if k.startswith(te_prefix)]
+    assert te_keys, sorted(adapter.tensors)[:5]
+    trained = [k for k in te_keys if k.endswith("lokr_w2") or k.endswith("lokr_w2_b")]
+    assert trained and any(float(adapter.tensors[k].abs().sum()) > 0 for k in trained)  # moved from the zero init
+    assert len(loss_map["loss"]) == 3 and all(x == x for x in loss_map["loss"])
+    assert clip_out is not clip and len(clip_out.patcher.patches) > 0
+    after = clip.cond_stage_model.state_dict()
+    assert all(torch.equal(te_before[k], after[k]) for k in te_before)
+    assert not any("forward" in m.__dict__ for m in clip.cond_stage_model.modules())

@@ -183,16 +183,25 @@ def dtype_name(t: torch.Tensor, key: str = "") -> str:
 
 def header_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
                  order: list[str]) -> bytes:
-    """The 8-byte length plus JSON header (space padded to a multiple of 8) for `tensors` in `order`."""
-    header: dict[str, object] = {}
-    if metadata is not None:
-        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    """The 8-byte length plus JSON header (space padded to a multiple of 8) for `tensors` packed in `order`."""
+    entries = []
     offset = 0
     for name in order:
         t = tensors[name]
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": dtype_name(t, name), "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        entries.append(TensorEntry(name, dtype_name(t, name), tuple(t.shape), offset, offset + nbytes))
         offset += nbytes
+    return encode_header(entries, metadata)
+
+
+def encode_header(entries: Iterable[TensorEntry], metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length plus JSON header (space padded to a multiple of 8) for `entries` at their byte
+    offsets, in the given order; `metadata` None leaves out `__metadata__` (safetensors' own bytes)."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import BinaryIO, Iterator, Mapping
 
 import torch
 
@@ -45,29 +46,49 @@ def write_adapter(path: str | Path, tensors: Mapping[str, torch.Tensor], metadat
     temp file is removed and `path` is left as it was.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists; refusing to overwrite it (ask for overwrite to replace it)")
+    refuse_existing(path, overwrite)
     prepared = prepare_tensors(tensors)
     meta = check_metadata(metadata)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_stream(f, prepared, meta)
-            f.flush()
-            os.fsync(f.fileno())
-        _set_default_mode(tmp)
-        _move_into_place(tmp, path, overwrite)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, overwrite=overwrite) as f:
+        write_stream(f, prepared, meta)
     return path
 
 
-def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+def refuse_existing(path: Path, overwrite: bool, *, error: type[FileExistsError] = FileExistsError,
+                    hint: str = "ask for overwrite to replace it") -> None:
+    """Raise `error` when `path` exists and `overwrite` is false (the cheap check before any work)."""
+    if path.exists() and not overwrite:
+        raise error(f"{path}: already exists; refusing to overwrite it ({hint})")
+
+
+@contextmanager
+def atomic_write(path: str | Path, *, overwrite: bool = False, suffix: str = ".tmp",
+                 error: type[FileExistsError] = FileExistsError,
+                 hint: str = "ask for overwrite to replace it") -> Iterator[BinaryIO]:
+    """Open a temp file `.NAME.*<suffix>` beside `path`; on success fsync it and move it into place, on any
+    error or interrupt delete it. Without `overwrite`, an existing `path` raises `error` (before and after).
+
+    A process killed mid-write leaves at most the hidden temp file, never a partial `path`.
+    """
+    path = Path(path)
+    refuse_existing(path, overwrite, error=error, hint=hint)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        _set_default_mode(tmp)
+        _move_into_place(tmp, path, overwrite, error, hint)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool, error: type[FileExistsError], hint: str) -> None:
     """Rename `tmp` to `path`; without `overwrite`, a hard link makes the no-clobber check atomic."""
     if overwrite:
         os.replace(tmp, path)
@@ -75,10 +96,10 @@ def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise FileExistsError(f"{path}: already exists; refusing to overwrite it (ask for overwrite to replace it)") from None
+        raise error(f"{path}: appeared while writing; refusing to overwrite it ({hint})") from None
     except OSError:  # file systems without hard links
         if path.exists():
-            raise FileExistsError(f"{path}: already exists; refusing to overwrite it") from None
+            raise error(f"{path}: appeared while writing; refusing to overwrite it ({hint})") from None
         os.replace(tmp, path)
         return
     tmp.unlink()

@@ -6,18 +6,17 @@ replacement keeps its dtype and shape (so every byte offset is known before any 
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
-import tempfile
 import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Mapping
+from typing import BinaryIO, Callable, ContextManager, Mapping
 
 import torch
 
-from hadakron.io.safetensors_format import DTYPE_FROM_NAME, Header, TensorEntry, fsync_dir, read_header, tensor_bytes
+from hadakron.io.safetensors_format import (DTYPE_FROM_NAME, Header, TensorEntry, encode_header, read_header,
+                                            tensor_bytes)
+from hadakron.io.writer import atomic_write, refuse_existing
 
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 """Untouched tensors move through a buffer of at most this size (not counting the kernel's own copy path)."""
@@ -27,6 +26,9 @@ Transform = Callable[[TensorEntry, torch.Tensor], torch.Tensor]
 
 class OutputExistsError(FileExistsError):
     """The output path exists and overwriting was not asked for."""
+
+
+_OVERWRITE_HINT = "pass overwrite=True (CLI: --force) to replace it"
 
 
 def read_checkpoint_header(path: str | Path) -> Header:
@@ -55,14 +57,7 @@ def read_entry(f: BinaryIO, header: Header, entry: TensorEntry, buffer: bytearra
 
 def header_for_entries(entries: tuple[TensorEntry, ...], metadata: Mapping[str, str]) -> bytes:
     """8-byte length plus the JSON header (space padded to 8) for `entries` kept at their byte offsets."""
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
-    for e in entries:
-        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
+    return encode_header(entries, {k: str(v) for k, v in metadata.items()} if metadata else None)
 
 
 def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
@@ -94,57 +89,17 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
         left -= len(chunk)
 
 
-@contextmanager
-def atomic_output(out_path: str | Path, *, overwrite: bool = False) -> Iterator[BinaryIO]:
+def atomic_output(out_path: str | Path, *, overwrite: bool = False) -> ContextManager[BinaryIO]:
     """Open a temp file beside `out_path`; on success fsync and rename it into place, on any error delete it.
 
-    A process killed mid-write leaves at most a hidden `.NAME.*.partial` file, never a partial `out_path`.
+    A process killed mid-write leaves at most a hidden `.NAME.*.partial` file, never a partial `out_path`
+    (`hadakron.io.writer.atomic_write`, raising `OutputExistsError` instead of clobbering).
     """
     out = Path(out_path)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; pass overwrite=True (CLI: --force) to replace it")
+    refuse_existing(out, overwrite, error=OutputExistsError, hint=_OVERWRITE_HINT)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out}: folder {out.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _default_mode(tmp)
-        _move_into_place(tmp, out, overwrite)
-        fsync_dir(out.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _default_mode(p: Path) -> None:
-    """Give the file the usual 0666 & ~umask permissions (mkstemp makes it 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(p, 0o666 & ~umask)
-    except OSError:
-        pass
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename `tmp` to `out`; without `overwrite` a hard link makes the no-clobber check atomic."""
-    if overwrite:
-        os.replace(tmp, out)
-        return
-    try:
-        os.link(tmp, out)
-    except FileExistsError:
-        raise OutputExistsError(f"{out}: appeared while writing; pass overwrite=True (CLI: --force) to replace it") from None
-    except OSError:  # file systems without hard links
-        if out.exists():
-            raise OutputExistsError(f"{out}: appeared while writing; pass overwrite=True (CLI: --force)") from None
-        os.replace(tmp, out)
-        return
-    tmp.unlink()
+    return atomic_write(out, overwrite=overwrite, suffix=".partial", error=OutputExistsError, hint=_OVERWRITE_HINT)
 
 
 IN_FLIGHT = 4

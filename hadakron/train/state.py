@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+
+from hadakron.io import write_adapter
 
 Tensor = torch.Tensor
 
@@ -161,21 +162,9 @@ def _apply_optimizer_state(tensors, metadata, named_params, optimizer, source) -
 def write_training_state(
     path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str], *, overwrite: bool = False
 ) -> Path:
-    """Write the sidecar atomically (temp file in the target folder, then rename); refuse to overwrite unless asked."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write the sidecar atomically (`hadakron.io.write_adapter`: temp file in the target folder, then rename);
+    refuse to overwrite unless asked."""
+    return write_adapter(path, tensors, metadata, overwrite=overwrite)
 
 
 def read_training_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:

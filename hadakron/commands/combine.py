@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hadakron.commands.merge import adapter_spec, check_output, human_size
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from hadakron.commands.common import (DTYPES, adapter_spec, add_common_arguments, add_layout_argument, check_output,
+                                     print_report)
 
 DESCRIPTION = """Combine LoHa, LoKr and LoRA adapters into one LoRA file whose delta-W is exactly
 sum(strength_i * delta-W_i) for every layer. Each module is rewritten in its exact LoRA form (LoHa: rank
@@ -33,12 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="adapter file, optionally with a strength after a colon (default 1.0)")
     p.add_argument("-o", "--output", type=Path, required=True, help="LoRA file to write")
     p.add_argument("--rank", type=int, help="cut every layer to this rank by truncated SVD (default: exact)")
-    p.add_argument("--layout", choices=("kohya", "lycoris", "comfyui", "peft", "diffusers"), default="kohya",
-                   help="key layout of the output (default kohya)")
+    add_layout_argument(p, "--layout", "key layout of the output (default kohya)", default="kohya")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype of the output (default fp32)")
-    p.add_argument("--family", choices=("sdxl", "anima"), help="read adapter keys as this family (default: detect)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_common_arguments(p, family_help="read adapter keys as this family (default: detect)")
     return p
 
 
@@ -60,8 +56,5 @@ def run(args: argparse.Namespace) -> int:
         result = combine(adapters, rank=args.rank, layout=args.layout, dtype=getattr(torch, DTYPES[args.dtype]),
                          family=args.family, on_module=lambda _: advance(1))
     result.write(args.output, overwrite=args.force)
-    if not args.quiet:
-        for line in result.lines():
-            print(line)
-        print(f"wrote {args.output} ({human_size(args.output.stat().st_size)})")
+    print_report(args, result.lines())
     return 0

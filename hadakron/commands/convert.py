@@ -4,10 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hadakron.commands.combine import DTYPES
-from hadakron.commands.merge import check_output, human_size
-
-LAYOUT_CHOICES = ("kohya", "lycoris", "comfyui", "peft", "diffusers")
+from hadakron.commands.common import DTYPES, add_common_arguments, add_layout_argument, check_output, print_report
 
 DESCRIPTION = """Convert an adapter file, one of two ways:
 
@@ -32,15 +29,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="adapter file (.safetensors)")
     p.add_argument("-o", "--output", type=Path, required=True, help="file to write")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--layout", choices=LAYOUT_CHOICES, help="rename the keys into this layout")
+    add_layout_argument(what, "--layout", "rename the keys into this layout")
     what.add_argument("--to-lora", action="store_true", help="rewrite LoHa/LoKr modules as LoRA")
     p.add_argument("--rank", type=int, help="with --to-lora: cut every layer to this rank (truncated SVD)")
-    p.add_argument("--lora-layout", choices=LAYOUT_CHOICES,
-                   help="with --to-lora: key layout of the output (default: the input's own)")
+    add_layout_argument(p, "--lora-layout", "with --to-lora: key layout of the output (default: the input's own)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="with --to-lora: tensor dtype (default fp32)")
-    p.add_argument("--family", choices=("sdxl", "anima"), help="read keys as this family (default: detect)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_common_arguments(p, family_help="read keys as this family (default: detect)")
     return p
 
 
@@ -67,8 +61,5 @@ def run(args: argparse.Namespace) -> int:
         lines = [f"{len(result.tensors)} tensors renamed: {result.source_layout or 'unknown'} -> {result.layout} layout "
                  f"(values unchanged)"]
     result.write(args.output, overwrite=args.force)
-    if not args.quiet:
-        for line in lines:
-            print(line)
-        print(f"wrote {args.output} ({human_size(args.output.stat().st_size)})")
+    print_report(args, lines)
     return 0

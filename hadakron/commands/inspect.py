@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from hadakron.arch import detect_family, get_family
+from hadakron.commands.common import human_size
 from hadakron.io import AdapterFile, read_adapter
 from hadakron.io.module_checks import algorithm_guess
 from hadakron.ops import module_factors, module_rank
@@ -167,14 +168,6 @@ def _counts(d: Mapping[str, int], sep: str = " ") -> str:
     return ", ".join(f"{k}{sep}{v}" for k, v in d.items()) or "-"
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 METADATA_SHOWN = (
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
     "ss_output_name", "ss_steps", "ss_epoch", "ss_learning_rate", "ss_training_finished_at",
@@ -186,7 +179,7 @@ METADATA_SHOWN = (
 def format_report(r: Mapping, *, all_metadata: bool = False) -> str:
     """A compact two-column table of the report; only the common metadata keys unless `all_metadata`."""
     rows = [
-        ("file", f"{r['file']} ({_size(r['size_bytes'])})"),
+        ("file", f"{r['file']} ({human_size(r['size_bytes'])})"),
         ("family", f"{r['family'] or 'unknown'}   layout {r['layout'] or 'unknown'}"),
         ("modules", f"{r['modules']}   " + _counts(r["parts"])),
         ("algorithms", _counts(r["algorithms"])),

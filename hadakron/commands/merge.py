@@ -1,55 +1,12 @@
-"""`hadakron merge BASE ADAPTER[:STRENGTH]... -o OUT`: bake adapters into a checkpoint file.
-
-Also holds the argument helpers shared by combine and convert (`FILE[:STRENGTH]`, output checks).
-"""
+"""`hadakron merge BASE ADAPTER[:STRENGTH]... -o OUT`: bake adapters into a checkpoint file."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from hadakron.commands import CommandError
+from hadakron.commands.common import adapter_spec, add_common_arguments, check_output, print_report
 
-
-def adapter_with_strength(text: str) -> tuple[Path, float]:
-    """`FILE[:STRENGTH]` -> (path, strength); a trailing `:number` is the strength (default 1.0)."""
-    path, sep, tail = text.rpartition(":")
-    if sep and path:
-        try:
-            return Path(path), float(tail)
-        except ValueError:
-            pass
-    return Path(text), 1.0
-
-
-def adapter_spec(text: str) -> tuple[Path, float]:
-    """argparse type for `FILE[:STRENGTH]`; a missing file is reported when it is read (exit code 1)."""
-    if not text:
-        raise argparse.ArgumentTypeError("empty adapter argument (expected FILE or FILE:STRENGTH)")
-    return adapter_with_strength(text)
-
-
-def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
-    """Refuse an existing output without --force, a missing folder, or an output that is one of the inputs."""
-    if out.exists() and not force:
-        raise CommandError(f"{out}: already exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise CommandError(f"{out}: folder {out.parent} does not exist")
-    for p in inputs:
-        if p.exists() and out.exists() and out.resolve() == p.resolve():
-            raise CommandError(f"{out}: is also an input; write to another file")
-
-
-def human_size(n: int) -> str:
-    """Bytes as a short human-readable size (KiB, MiB, GiB)."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-# ------------------------------------------------------------------ the merge command
 
 DESCRIPTION = """Bake one or more LoHa/LoKr/LoRA adapters into a checkpoint: W' = W + sum(strength * delta-W)
 for every weight an adapter module matches, computed in float32 and stored in each weight's own dtype.
@@ -77,9 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("adapters", nargs="+", type=adapter_spec, metavar="ADAPTER[:STRENGTH]",
                    help="adapter file, optionally with a strength after a colon (default 1.0; negative subtracts)")
     p.add_argument("-o", "--output", type=Path, required=True, help="checkpoint file to write")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    p.add_argument("--family", choices=("sdxl", "anima"), help="read adapter keys as this family (default: detect)")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_common_arguments(p, family_help="read adapter keys as this family (default: detect)")
     return p
 
 
@@ -102,8 +57,5 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar(total, "baking", unit="B", enabled=None if not args.quiet else False) as advance:
         report = bake_checkpoint(args.base, adapters, args.output, overwrite=args.force, family=args.family,
                                  on_tensor=lambda e: advance(e.end - e.begin))
-    if not args.quiet:
-        for line in report.lines():
-            print(line)
-        print(f"wrote {args.output} ({human_size(args.output.stat().st_size)})")
+    print_report(args, report.lines())
     return 0

@@ -23,25 +23,16 @@ KNOWN_PARAMS: dict[str, frozenset[str]] = {
     "other": frozenset({"set_weight", "on_input"}),
 }
 COMMON_PARAMS = frozenset({"alpha", "dora_scale", "scalar"})
-_ALL_SUFFIXES = sorted(set().union(*KNOWN_PARAMS.values(), COMMON_PARAMS), key=len, reverse=True)
-
-
-def split_key_by_suffix(key: str) -> tuple[str, str]:
-    """`module_key.param` -> (module_key, param), matching known parameter names first, else the last dot."""
-    for suffix in _ALL_SUFFIXES:
-        if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1], suffix
-    module, dot, param = key.rpartition(".")
-    return (module, param) if dot else (key, "")
 
 
 def split_key(key: str) -> tuple[str, str]:
     """(module_key, param) of a file key: `hadakron.arch.split_key` (canonical param names) when it knows
-    the parameter name, else by known suffix / last dot so the unknown name can be reported."""
+    the parameter name, else split at the last dot so the unknown name can be reported."""
     try:
         return arch_split_key(key)
     except ValueError:
-        return split_key_by_suffix(key)
+        module, dot, param = key.rpartition(".")
+        return (module, param) if dot else (key, "")
 
 
 def group_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -15,16 +15,12 @@ from torch import nn
 
 from hadakron import ops
 from hadakron.adapters import AdapterModule, LoHa, LoKr
+from helpers import ref_tucker
 
 F64 = torch.float64
 
 
 # ----------------------------------------------------------------------------- references
-def ref_tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """W[p, q, y, x] = sum_ij t[i, j, y, x] a[i, p] b[j, q]."""
-    return torch.einsum("ijyx,ip,jq->pqyx", t, a, b)
-
-
 def ref_kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """kron of w1 (a, c) with w2 (b, d, *k): out[i*b + j, l*d + m, ...] = w1[i, l] w2[j, m, ...]."""
     a, c = w1.shape

@@ -9,16 +9,14 @@ from hadakron.ops import (
     lokr_bypass_conv2d, lokr_bypass_linear,
 )
 
+from helpers import ref_tucker
+
 D = torch.float64
 
 
 def leaf(*shape, seed=[500]):
     seed[0] += 1
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0]), dtype=D).requires_grad_()
-
-
-def ref_tucker(t, a, b):
-    return torch.einsum("i j k l, j r, i p -> p r k l", t, b, a)
 
 
 def grads(y, tensors, seed=7):

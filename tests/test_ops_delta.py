@@ -7,6 +7,7 @@ import torch
 
 from hadakron.ops import algorithm_of, delta_weight, loha_delta, lokr_delta, module_rank, module_scale
 from hadakron.ops import Full, LowRank
+from helpers import ref_tucker
 
 D = torch.float64
 
@@ -21,11 +22,6 @@ def rnd(*shape, seed=[0]):
 def ref_product(a, b):
     """a (p, i) @ b (i, q...) by an explicit einsum over the shared index."""
     return torch.einsum("pi,iq->pq", a, b.reshape(b.shape[0], -1))
-
-
-def ref_tucker(t, a, b):
-    """The reference string: einsum('i j k l, j r, i p -> p r k l', t, w_b, w_a)."""
-    return torch.einsum("i j k l, j r, i p -> p r k l", t, b, a)
 
 
 def ref_kron_loops(w1, w2):

@@ -26,14 +26,7 @@ from hadakron.train import (
     train,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread is ~10x faster than many on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from helpers import one_thread  # noqa: F401 (autouse fixture)
 
 TARGETS = ("input_blocks.0.0", "input_blocks.1.1.proj_in", "input_blocks.1.1.proj_out", "out.2")
 

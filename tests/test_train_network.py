@@ -24,19 +24,11 @@ from hadakron.train import (
     train,
     write_training_state,
 )
+from helpers import one_thread  # noqa: F401 (autouse fixture)
 from models import AnimaDiT, SDXLUNet
 
 SDXL_ONLY_MIDDLE = [r"(?!middle_block\.).*"]
 ANIMA_FIRST_BLOCKS = [r"(?!blocks\.[01]\.).*"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops: one thread is much faster than many on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def sdxl_data(n=4, seed=0):

@@ -36,6 +36,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from hadakron.arch import ANIMA, SDXL
+
 SDXL_IN = tuple(f"IN{i:02d}" for i in range(9))
 SDXL_OUT = tuple(f"OUT{i:02d}" for i in range(9))
 SDXL_BLOCKS_20 = ("BASE",) + SDXL_IN + ("M00",) + SDXL_OUT
@@ -89,35 +91,20 @@ class BlockWeights:
 
 # ---------------------------------------------------------------- module -> block id
 
-_SDXL_BLOCK_RE = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.")
-
-
 def sdxl_block_id(part: str, dotted: str) -> str:
-    """LBW block id of an SDXL module given its part (unet/te1/te2) and LDM dotted name."""
-    if part != "unet":
-        return "BASE"
-    m = _SDXL_BLOCK_RE.match(dotted)
-    if m:
-        prefix = "IN" if m.group(1) == "input_blocks" else "OUT"
-        return f"{prefix}{int(m.group(2)):02d}"
-    if dotted.startswith("middle_block."):
-        return "M00"
-    return "OTHER"
+    """LBW block id of an SDXL module given its part (unet/te1/te2) and LDM dotted name: the UNet block from
+    `hadakron.arch` (IN04, M00, OUT05, OTHER), `BASE` for both text encoders."""
+    return SDXL.block_of(part, dotted) if part == "unet" else "BASE"
 
 
-_ANIMA_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+_ANIMA_IDS = {"LLM_ADAPTER": "llm_adapter", "OTHER": "OTHER", "TE": "te"}
 
 
 def anima_block_id(part: str, dotted: str) -> str:
-    """Block id of an Anima module: `te`, `blocks.N`, `llm_adapter` or `OTHER`."""
-    if part != "unet":
-        return "te"
-    m = _ANIMA_BLOCK_RE.match(dotted)
-    if m:
-        return f"blocks.{int(m.group(1))}"
-    if dotted.startswith("llm_adapter."):
-        return "llm_adapter"
-    return "OTHER"
+    """Block id of an Anima module: `te`, `blocks.N`, `llm_adapter` or `OTHER` (`hadakron.arch`'s
+    `BLOCK07` / `LLM_ADAPTER` / `OTHER` / `TE` in the block-weights spelling)."""
+    label = ANIMA.block_of(part, dotted)
+    return _ANIMA_IDS.get(label) or f"blocks.{int(label[len('BLOCK'):])}"
 
 
 def block_id(family: str, part: str, dotted: str) -> str:

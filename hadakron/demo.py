@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from hadakron.arch import convert_state_dict, parse_module_key
@@ -135,7 +135,7 @@ def _run(out: Path, *, steps: int, seed: int, overwrite: bool, echo: Callable[[s
     n_params = sum(p.numel() for p in base.parameters())
     files["base"] = out / "base.safetensors"
     ckpt = checkpoint_tensors(base, torch.float16)
-    save_file(ckpt, str(files["base"]), metadata={"modelspec.title": "hadakron demo tiny SDXL"})
+    write_adapter(files["base"], ckpt, {"modelspec.title": "hadakron demo tiny SDXL"}, overwrite=overwrite)
     num["base_loss"] = _eval_loss(base, teacher, context, seed)
     echo(f"   UNet with {n_params} parameters and SDXL layer names; the teacher changes "
          f"{len(CHANGED)} layers by a rank-2 delta")

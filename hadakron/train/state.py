@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load_file
 
-from hadakron.io import write_adapter
+from hadakron.io import read_metadata, write_adapter
 
 Tensor = torch.Tensor
 
@@ -170,8 +170,7 @@ def write_training_state(
 def read_training_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read a sidecar written by `write_training_state`; TrainingStateError if it is not one."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
+    metadata = read_metadata(path)
     if "hadakron.step" not in metadata or "hadakron.trainstate_version" not in metadata:
         raise TrainingStateError(
             f"{path}: not a hadakron training state (expected metadata 'hadakron.step' and 'hadakron.trainstate_version')"

@@ -45,15 +45,15 @@ class HadakronLoadError(ValueError):
 # ---------------------------------------------------------------- model inspection
 
 
-def model_family(model) -> str:
-    """'sdxl' or 'anima' for a ComfyUI MODEL; a clear error for anything else."""
+def model_family(model, node: str = "the LoHa/LoKr Loader", error: type[Exception] = HadakronLoadError) -> str:
+    """'sdxl' or 'anima' for a ComfyUI MODEL; for anything else `error` saying that `node` supports only those."""
     base = getattr(model, "model", None)
     if isinstance(base, comfy.model_base.Anima):
         return "anima"
     if isinstance(base, comfy.model_base.SDXL):
         return "sdxl"
     name = type(base).__name__ if base is not None else type(model).__name__
-    raise HadakronLoadError(f"the model is {name}; the LoHa/LoKr Loader supports SDXL and Anima models")
+    raise error(f"the model is {name}; {node} supports SDXL and Anima models")
 
 
 def _anima_num_blocks(model) -> int:

@@ -9,6 +9,7 @@ patch when it loads the model (the clone shares the original's module, like ever
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from comfy.weight_adapter.base import WeightAdapterBase
 
 from hadakron.comfy_keys import comfy_weight_key, is_clip_part
 from hadakron.merge import Patch, baked_weight, combine, natural_shape
-from hadakron.merge.module_names import name_modules
+from hadakron.merge.module_names import adapter_name, name_modules
+
+from .loader import HadakronLoadError, model_family, read_lora_file
 
 log = logging.getLogger("hadakron")
 
@@ -76,25 +79,12 @@ class HadakronMergedPatch(WeightAdapterBase):
 
 # ---------------------------------------------------------------- shared helpers
 
-def _family(model) -> str:
-    import comfy.model_base
-    base = getattr(model, "model", None)
-    if isinstance(base, comfy.model_base.Anima):
-        return "anima"
-    if isinstance(base, comfy.model_base.SDXL):
-        return "sdxl"
-    raise HadakronMergeError(f"the model is {type(base).__name__}; Adapter Merge supports SDXL and Anima models")
-
-
 def _read(lora_name: str):
-    from hadakron.io import AdapterFileError, read_adapter
-    path = folder_paths.get_full_path("loras", lora_name)
-    if path is None or not os.path.isfile(path):
-        raise HadakronMergeError(f"adapter file {lora_name!r} was not found in the loras folder")
+    """The loader's (cached) read of a loras-folder file, its errors as this node's."""
     try:
-        return read_adapter(path)
-    except AdapterFileError as exc:
-        raise HadakronMergeError(f"cannot read {lora_name}: {exc}") from None
+        return read_lora_file(lora_name)
+    except HadakronLoadError as exc:
+        raise HadakronMergeError(str(exc)) from None
 
 
 def collect_adapters(kwargs: dict) -> list[tuple[object, float]]:
@@ -111,18 +101,6 @@ def collect_adapters(kwargs: dict) -> list[tuple[object, float]]:
     if not out:
         raise HadakronMergeError("no adapter selected (or every strength is 0)")
     return out
-
-
-def _source(adapter) -> str:
-    path = getattr(adapter, "path", None)
-    return Path(path).name if path else "in-memory adapter"
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def plan_merge(family: str, model_shapes: dict, clip_shapes: dict | None, adapters):
@@ -151,14 +129,14 @@ def plan_merge(family: str, model_shapes: dict, clip_shapes: dict | None, adapte
                         nat = natural_shape(m.params)
                     except ValueError as exc:
                         nat, why = None, str(exc)
-                    if nat is not None and (_numel(nat) != _numel(shapes[key]) or nat[0] != shapes[key][0]):
+                    if nat is not None and (math.prod(nat) != math.prod(shapes[key]) or nat[0] != shapes[key][0]):
                         why = f"delta-W is {list(nat)}, weight is {list(shapes[key])}"
             if why is not None:
                 skipped.append(f"{m.file_key}: {why}")
                 continue
             (clip_plan if on_clip else model_plan).setdefault(key, []).append((m.params, strength))
             applied += 1
-        lines.append(f"{_source(adapter)} @ {strength:g}: {applied} modules applied, {len(skipped)} not applied")
+        lines.append(f"{adapter_name(adapter)} @ {strength:g}: {applied} modules applied, {len(skipped)} not applied")
         lines += [f"  not applied {s}" for s in skipped[:20]]
         if len(skipped) > 20:
             lines.append(f"  ... and {len(skipped) - 20} more")
@@ -171,7 +149,7 @@ def _shapes(module) -> dict[str, tuple[int, ...]]:
 
 def merge_into(model, clip, adapters):
     """(model clone, clip clone or None, report text) with one merged patch per matched weight."""
-    family = _family(model)
+    family = model_family(model, "Adapter Merge", HadakronMergeError)
     clip_shapes = _shapes(clip.cond_stage_model) if clip is not None else None
     model_plan, clip_plan, lines = plan_merge(family, _shapes(model.model), clip_shapes, adapters)
     if not model_plan and not clip_plan:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from torch import nn
 
@@ -209,7 +209,3 @@ def detect_model_family(named_modules: Iterable[tuple[str, object]] | Iterable[s
     return DetectResult(best, parts, None, reasons, counts=counts,
                         prefixes={p: found_parts[best][p] for p in parts})
 
-
-def detect_state_dict_family(state_dict: Mapping[str, object]) -> DetectResult:
-    """Detection from a model's state-dict keys (`....weight`) rather than module names."""
-    return detect_model_family(k[: -len(".weight")] for k in state_dict if k.endswith(".weight"))

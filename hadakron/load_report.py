@@ -14,6 +14,9 @@ from typing import Callable, Mapping
 
 import torch
 
+from hadakron.arch import get_family, parse_module_key
+from hadakron.ops import algorithm_of, alpha_of, module_factors, module_rank, module_scale
+
 Params = Mapping[str, torch.Tensor]
 Resolver = Callable[[str], "tuple[str, str, str] | None"]
 
@@ -201,7 +204,6 @@ def delta_shape(params: Params) -> tuple[int, int]:
 
     Raises ValueError (naming the tensors) when the factors do not multiply out.
     """
-    from hadakron.ops.params import module_factors
 
     algorithm, factors = module_factors(params)
     if algorithm == "lokr":
@@ -259,8 +261,6 @@ def _finite(params: Params) -> list[str]:
 
 def default_resolver(family: str) -> Resolver:
     """module_key -> (part, dotted, layout) through `hadakron.arch.parse_module_key` for `family`."""
-    from hadakron.arch import parse_module_key
-
     def resolve(module_key: str):
         hit = parse_module_key(module_key, family)
         if hit is None:
@@ -273,19 +273,8 @@ def default_resolver(family: str) -> Resolver:
 
 
 def default_block_of(family: str) -> Callable[[str, str], str]:
-    """Block labels for the report from `hadakron.arch` (falls back to the block-weight ids)."""
-    try:
-        from hadakron.arch import get_family
-        fam = get_family(family)
-        return fam.block_of
-    except (ImportError, KeyError, ValueError, AttributeError):
-        from hadakron.block_weights import block_id
-        return lambda part, dotted: block_id(family, part, dotted)
-
-
-def _algorithm(params: Params) -> str | None:
-    from hadakron.ops.params import algorithm_of
-    return algorithm_of(params)
+    """Block labels for the report: `hadakron.arch`'s `block_of` (IN04, M00, BLOCK07, TE1, ...)."""
+    return get_family(family).block_of
 
 
 def _unsupported_reason(params: Params) -> str:
@@ -332,7 +321,7 @@ def build_load_report(
     layouts: list[str] = []
     for module_key, params in modules.items():
         params = dict(params)
-        algo = _algorithm(params)
+        algo = algorithm_of(params)
         if algo == "lora":
             unmatched.append(UnmatchedKey(module_key, "unsupported_algorithm",
                                           f"LoRA module: {LORA_LOADER_HINT}"))
@@ -371,7 +360,6 @@ def build_load_report(
             unmatched.append(UnmatchedKey(module_key, "nonfinite",
                                           f"{', '.join(bad)} hold NaN/Inf values; module skipped"))
             continue
-        from hadakron.ops.params import alpha_of, module_rank, module_scale
         if layout not in layouts:
             layouts.append(layout)
         matched.append(MatchedModule(

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import torch
 
 from hadakron.arch import get_family, parse_module_key
-from hadakron.ops import algorithm_of, alpha_of, module_factors, module_rank, module_scale
+from hadakron.ops import algorithm_of, alpha_of, module_rank, module_scale, natural_shape
 
 Params = Mapping[str, torch.Tensor]
 Resolver = Callable[[str], "tuple[str, str, str] | None"]
@@ -204,17 +204,8 @@ def delta_shape(params: Params) -> tuple[int, int]:
 
     Raises ValueError (naming the tensors) when the factors do not multiply out.
     """
-
-    algorithm, factors = module_factors(params)
-    if algorithm == "lokr":
-        w1, w2 = factors
-        return (w1.rows * w2.rows, _flat_cols(w1) * _flat_cols(w2))
-    f = factors[0]
-    return (f.rows, _flat_cols(f))
-
-
-def _flat_cols(f) -> int:
-    return int(math.prod(f.shape[1:]))
+    shape = natural_shape(params)
+    return (shape[0], math.prod(shape[1:]))
 
 
 def weight_accepts(weight_shape: tuple[int, ...], flat: tuple[int, int]) -> bool:

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from hadakron.arch import file_key, get_family, module_key
 from hadakron.io import AdapterFile, build_metadata, with_hashes, write_adapter
 from hadakron.merge.low_rank import reduce_pair, stack_pairs
 from hadakron.merge.module_names import NamedModule, adapter_name, name_modules
-from hadakron.ops import lora_form, module_factors
+from hadakron.ops import lora_form, natural_shape
 
 
 @dataclass(frozen=True)
@@ -85,26 +85,10 @@ class CombineResult:
         return write_adapter(path, self.tensors, self.metadata, overwrite=overwrite)
 
 
-def natural_shape(params: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
-    """The weight shape a module's tensors multiply out to: (out, in) or (out, in, kh, kw) (flat convs: 2-D)."""
-    alg, factors = module_factors(params)
-    if alg == "lokr":
-        w1, w2 = factors
-        return (w1.rows * w2.rows, w1.cols * w2.shape[1]) + tuple(w2.shape[2:])
-    return tuple(factors[0].shape)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def layer_shape(modules: Sequence[NamedModule]) -> tuple[int, ...]:
     """The best-known weight shape for one layer: a 4-D natural shape wins, then the family's full-size shape."""
     shapes = [natural_shape(m.params) for m in modules]
-    numels = {_numel(s) for s in shapes}
+    numels = {math.prod(s) for s in shapes}
     outs = {s[0] for s in shapes}
     if len(numels) != 1 or len(outs) != 1:
         raise ValueError(f"{modules[0].label}: the adapters disagree on this layer's shape "
@@ -115,7 +99,7 @@ def layer_shape(modules: Sequence[NamedModule]) -> tuple[int, ...]:
     m = modules[0]
     if m.canonical is not None:
         known = get_family(m.family).layer(m.part, m.dotted)
-        if known is not None and _numel(known.shape) == _numel(shapes[0]) and known.shape[0] == shapes[0][0]:
+        if known is not None and math.prod(known.shape) == math.prod(shapes[0]) and known.shape[0] == shapes[0][0]:
             return tuple(known.shape)
     return shapes[0]
 

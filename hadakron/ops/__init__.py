@@ -26,12 +26,12 @@ from .params import (
     module_scale,
 )
 from .rebuild import hada_product, kron_into, loha_delta, lokr_delta
-from .weights import delta_weight, dora_norm, lora_form, patched_weight
+from .weights import delta_weight, dora_norm, lora_form, natural_shape, patched_weight
 
 __all__ = [
     "PARAM_NAMES", "algorithm_of", "alpha_of", "module_rank", "module_scale", "module_factors",
     "loha_factors", "lokr_factors", "lora_factor",
-    "delta_weight", "patched_weight", "lora_form", "dora_norm", "factorization",
+    "delta_weight", "natural_shape", "patched_weight", "lora_form", "dora_norm", "factorization",
     "Factor", "Full", "LowRank", "Tucker", "as_factor",
     "loha_delta", "lokr_delta", "kron_into", "hada_product",
     "HadaWeight", "hada_weight", "hada_weight_tucker",

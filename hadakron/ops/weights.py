@@ -51,6 +51,13 @@ def _prepared(params: Params, dtype: torch.dtype | None, device) -> tuple[str, t
     return alg, factors, module_scale(params), cd, dev
 
 
+def natural_shape(params: Params) -> tuple[int, ...]:
+    """The weight shape a module's tensors multiply out to: (out, in) or (out, in, kh, kw) (flat convs: 2-D).
+
+    From tensor shapes alone; ValueError naming the tensors when the factors do not multiply out."""
+    return _natural_shape(*module_factors(params))
+
+
 def _natural_shape(alg: str, factors: tuple[Factor, ...]) -> tuple[int, ...]:
     if alg == "lokr":
         w1, w2 = factors

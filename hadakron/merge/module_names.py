@@ -49,10 +49,7 @@ def file_family(keys: list[str], hint: str | None = None) -> str | None:
     """The family an adapter file's keys belong to (the hint wins when given)."""
     if hint is not None:
         return hint
-    try:
-        return detect_family(keys).family
-    except Exception:  # detection gives up on keys of no known family; parsing then tries every family
-        return None
+    return detect_family(keys).family  # None for keys of no known family: parsing then tries every family
 
 
 def name_modules(modules: Mapping[str, Params], family: str | None = None) -> list[NamedModule]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from hadakron.arch.family import Family
 from hadakron.arch.layouts import FAMILIES, LAYOUTS, LAYOUT_TITLES, file_key, get_family, parse_keys
+from hadakron.ops import algorithm_of
 
 ALGORITHM_TITLES = {"loha": "LoHa", "lokr": "LoKr", "lora": "LoRA", "diff": "full diff", "other": "unknown"}
 
@@ -79,15 +80,9 @@ def describe_other(result: DetectResult, want: Family) -> str:
 
 
 def _algorithm(params: set[str]) -> str:
-    if any(p.startswith("hada_") for p in params):
-        return "loha"
-    if any(p.startswith("lokr_") for p in params):
-        return "lokr"
-    if any(p.startswith("lora_") for p in params):
-        return "lora"
-    if params & {"diff", "diff_b", "set_weight", "w_norm", "b_norm"}:
-        return "diff"
-    return "other"
+    """`hadakron.ops.algorithm_of`, else "diff" for LyCORIS full/norm diffs, else "other"."""
+    return algorithm_of(dict.fromkeys(params)) or ("diff" if params & {"diff", "diff_b", "set_weight", "w_norm", "b_norm"}
+                                                  else "other")
 
 
 def detect_family(keys: Iterable[str]) -> DetectResult:

@@ -15,8 +15,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from hadakron.io import AdapterFile
-from hadakron.io.safetensors_format import TensorEntry
-from hadakron.merge.checkpoint_stream import IN_FLIGHT, read_checkpoint_header, rewrite_checkpoint
+from hadakron.io.safetensors_format import TensorEntry, read_header
+from hadakron.merge.checkpoint_stream import IN_FLIGHT, rewrite_checkpoint
 from hadakron.merge.checkpoint_targets import CheckpointIndex, WeightTarget, index_checkpoint
 from hadakron.merge.module_names import NamedModule, adapter_name, name_modules
 from hadakron.merge.accumulate import add_delta_, prepare
@@ -214,7 +214,7 @@ def bake_checkpoint(base_path: str | Path, adapters: Sequence[tuple[AdapterFile,
     """
     start = time.perf_counter()
     base, out = Path(base_path), Path(out_path)
-    header = read_checkpoint_header(base)
+    header = read_header(base)
     index = index_checkpoint({e.name: e.shape for e in header.entries})
     if not index.parts:
         raise ValueError(f"{base}: no SDXL, Anima DiT or Qwen3 weights recognised (expected keys such as "

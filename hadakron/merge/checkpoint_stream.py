@@ -31,11 +31,6 @@ class OutputExistsError(FileExistsError):
 _OVERWRITE_HINT = "pass overwrite=True (CLI: --force) to replace it"
 
 
-def read_checkpoint_header(path: str | Path) -> Header:
-    """The validated safetensors header of a checkpoint (entries in file order, metadata)."""
-    return read_header(path)
-
-
 def read_entry(f: BinaryIO, header: Header, entry: TensorEntry, buffer: bytearray | None = None) -> torch.Tensor:
     """Read one tensor from an open checkpoint file into writable CPU memory (`buffer`'s start when given,
     which must hold at least the tensor's bytes; the tensor is then valid until the buffer is reused)."""
@@ -110,9 +105,9 @@ unchanged during the next IN_FLIGHT transform calls (use IN_FLIGHT + 1 rotating 
 class _Writer(threading.Thread):
     """Writes jobs to the output in order on its own thread, so disk writes overlap the next computation."""
 
-    def __init__(self, src: BinaryIO, dst: BinaryIO, data_start: int) -> None:
+    def __init__(self, src: BinaryIO, dst: BinaryIO) -> None:
         super().__init__(name="hadakron-checkpoint-writer", daemon=True)
-        self.src, self.dst, self.data_start = src, dst, data_start
+        self.src, self.dst = src, dst
         self.jobs: queue.Queue = queue.Queue(maxsize=IN_FLIGHT - 1)
         self.error: BaseException | None = None
 
@@ -207,7 +202,7 @@ def rewrite_checkpoint(base_path: str | Path, out_path: str | Path, replace: Map
     reader = _Reader(base, header, [e for e in header.entries if e.name in replace])
     with open(base, "rb") as src_copy, atomic_output(out, overwrite=overwrite) as dst:
         dst.write(header_for_entries(header.entries, metadata))
-        writer = _Writer(src_copy, dst, header.data_start)
+        writer = _Writer(src_copy, dst)
         writer.start()
         reader.start()
         try:

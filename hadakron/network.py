@@ -7,7 +7,8 @@ nn.Conv2d)`, so subclasses such as ComfyUI's cast ops count. Selection follows s
 (`networks/network_base.py`): exclude/include patterns (`re.fullmatch` on the unprefixed dotted name,
 include only rescues), then the first matching `network_reg_dims` entry (alpha = network_alpha), then
 network_dim for Linear / 1x1 conv, conv_dim (with conv_alpha) for kxk conv; a dim of 0 skips.
-Attaching wraps each layer's forward: y = layer(x) + adapter(x); the base weights are never written.
+Attaching wraps each layer's forward: y = layer(x) + adapter(x), computed as one fused op (LoKr's
+`ops.lokr_linear`) for a plain Linear whose weight needs no cast; the base weights are never written.
 """
 from __future__ import annotations
 
@@ -218,18 +219,64 @@ class LoadReport:
     unexpected: list[str]
 
 
+def _standard_linear(layer: nn.Module) -> bool:
+    """True when the layer's class forward is nn.Linear's own, or ComfyUI's cast op's (`comfy.ops`, never imported),
+    which is nn.Linear's own while its cast machinery is off (`_fused_dtype` checks that on every call)."""
+    if not isinstance(layer, nn.Linear):
+        return False
+    forward = type(layer).forward
+    return forward is nn.Linear.forward or (
+        getattr(forward, "__module__", None) == "comfy.ops" and hasattr(layer, "comfy_cast_weights"))
+
+
+def _fused_dtype(layer: nn.Module, x: Tensor) -> torch.dtype | None:
+    """The dtype F.linear would compute in, when the layer's weight and bias are plain tensors on x's device in
+    x's dtype (so nothing is cast or moved per call); None otherwise (the caller falls back)."""
+    if getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None) \
+            or getattr(layer, "bias_function", None) or layer.weight is None or not x.is_floating_point():
+        return None
+    for t in (layer.weight, layer.bias):
+        if t is not None and (type(t) not in (Tensor, nn.Parameter) or t.dtype != x.dtype or t.device != x.device):
+            return None
+    if torch.is_autocast_enabled(x.device.type):
+        if x.dtype == torch.float64:
+            return None
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class _BypassForward:
-    """The wrapped forward: the layer's own forward plus the adapter's additive term."""
+    """The wrapped forward: the layer's own forward plus the adapter's additive term, fused into one op
+    (`adapter.fused_linear`, e.g. LoKr's `ops.lokr_linear`) for a plain Linear whose weight needs no cast."""
 
     def __init__(self, layer: nn.Module, adapter: AdapterModule, original) -> None:
         self.layer, self.adapter, self.original = layer, adapter, original
+        self.fusable = original is None and _standard_linear(layer)
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.fusable and not args and not kwargs:
+            y = self._fused(x)
+            if y is not None:
+                return y
         if self.original is None:
             y = type(self.layer).forward(self.layer, x, *args, **kwargs)
         else:
             y = self.original(x, *args, **kwargs)
         return y + self.adapter(x)
+
+    def _fused(self, x: Tensor) -> Tensor | None:
+        """The fused forward, or None to fall back. Under autocast, x, weight and bias are cast to the autocast
+        dtype first, as autocast does for F.linear (the factors follow x's dtype)."""
+        if not self.adapter.fuses_linear():
+            return None
+        dtype = _fused_dtype(self.layer, x)
+        if dtype is None:
+            return None
+        weight, bias = self.layer.weight, self.layer.bias
+        if dtype != x.dtype:
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return self.adapter.fused_linear(x, weight, bias)
 
 
 _NO_ATTR = object()
@@ -409,7 +456,7 @@ class AdapterNetwork(nn.Module):
         return bool(self._saved_forward)
 
     def attach(self) -> "AdapterNetwork":
-        """Wrap each target layer's forward: y = layer(x) + adapter(x) (bypass; weights untouched)."""
+        """Wrap each target layer's forward: y = layer(x) + adapter(x) (bypass, fused where safe; weights untouched)."""
         if self.attached:
             raise RuntimeError("adapter network is already attached")
         for t in self.targets:

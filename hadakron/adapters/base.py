@@ -255,6 +255,15 @@ class AdapterModule(nn.Module):
             y = self._apply_rank_dropout(y)
         return y
 
+    def fuses_linear(self) -> bool:
+        """Whether `fused_linear` can stand in for `F.linear(x, W, b) + self(x)` now (LoKr on a Linear, options
+        the fused op expresses); False here: the caller adds `self(x)` to the layer's own output."""
+        return False
+
+    def fused_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """`F.linear(x, weight, bias) + self(x)` as one fused op (only where `fuses_linear()`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused Linear forward")
+
     def _dora_forward(self, x: Tensor) -> Tensor:
         """DoRA: the term is `multiplier * (W_d - W) x` with W_d = dora_scale * (W + s dW) / ||W + s dW||.
 

@@ -210,6 +210,18 @@ class LoKr(AdapterModule):
                                           kernel_size=spec.kernel)
         return ops.lokr_bypass_linear(x, w1, w2, scale)
 
+    def fuses_linear(self) -> bool:
+        """Not for conv, DoRA, or the dropouts in training (rank dropout masks output rows, module dropout
+        skips the term: `forward` does both)."""
+        if self.spec.is_conv or self.dora_scale is not None:
+            return False
+        return not (self.training and (self.rank_dropout or self.module_dropout))
+
+    def fused_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Frozen Linear + LoKr term through `ops.lokr_linear` (one autograd node; multiplier and scalar folded in)."""
+        w1, w2 = ops.lokr_factors({n: t.to(x.dtype) for n, t in self.live_params().items()})
+        return ops.lokr_linear(x, weight, bias, w1, w2, self.scale * self.multiplier)
+
     def _differentiable_delta(self, params: dict[str, Tensor], scale: float) -> Tensor:
         w1, w2 = ops.lokr_factors(params)
         m1, m2 = w1.matrix(), w2.materialize()  # differentiable; (out_l, in_m) and (out_k, in_n[*K] | , kh, kw)

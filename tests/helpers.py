@@ -17,3 +17,23 @@ def one_thread():
 def ref_tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Tucker rebuild as LyCORIS writes it: W[p, q, y, x] = sum_ij t[i, j, y, x] a[i, p] b[j, q]."""
     return torch.einsum("ijyx,ip,jq->pqyx", t, a, b)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    """Tiny SDXL parts (unet, te1, te2) with the real module names, built once per test module."""
+    from models import sdxl_parts
+    return sdxl_parts()
+
+
+@pytest.fixture(scope="module")
+def anima():
+    """Tiny Anima parts (unet with llm_adapter, te) with the real module names, built once per test module."""
+    from models import anima_parts
+    return anima_parts()
+
+
+def build_network(family: str, parts: dict, **config):
+    """`AdapterNetwork.build(family, parts, NetworkConfig(**config))`."""
+    from hadakron.network import AdapterNetwork, NetworkConfig
+    return AdapterNetwork.build(family, parts, NetworkConfig(**config))

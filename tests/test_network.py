@@ -6,24 +6,12 @@ import re
 
 import pytest
 
-from hadakron.network import AdapterNetwork, NetworkConfig
-from tests.models import anima_parts, sdxl_parts
+from hadakron.network import NetworkConfig
+
+from helpers import anima, sdxl  # noqa: F401 (fixtures)
+from helpers import build_network as build
 
 logging.getLogger("hadakron").setLevel(logging.ERROR)  # LoKr's full-W2 notice on tiny layers
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return sdxl_parts()
-
-
-@pytest.fixture(scope="module")
-def anima():
-    return anima_parts()
-
-
-def build(family, parts, **kw):
-    return AdapterNetwork.build(family, parts, NetworkConfig(**kw))
 
 
 # ---------------------------------------------------------------------------------------- selection

@@ -10,23 +10,11 @@ from torch import nn
 
 from hadakron.arch import LAYOUTS, detect_family
 from hadakron.network import AdapterNetwork, NetworkConfig
-from tests.models import anima_parts, sdxl_parts
+
+from helpers import anima, sdxl  # noqa: F401 (fixtures)
+from helpers import build_network as build
 
 logging.getLogger("hadakron").setLevel(logging.ERROR)  # LoKr's full-W2 notice on tiny layers
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return sdxl_parts()
-
-
-@pytest.fixture(scope="module")
-def anima():
-    return anima_parts()
-
-
-def build(family, parts, **kw):
-    return AdapterNetwork.build(family, parts, NetworkConfig(**kw))
 
 
 def randomize(net, seed=0):

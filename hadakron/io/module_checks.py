@@ -10,13 +10,13 @@ from typing import Mapping
 import torch
 
 from hadakron.arch import split_key as arch_split_key
-from hadakron.ops import module_factors
+from hadakron.ops import PARAM_NAMES, module_factors
 
-# The file-level parameter names we know, per algorithm (LyCORIS / kohya names, plus PEFT's LoRA names).
+# The parameter names we know per algorithm, in canonical spelling (`group_modules` renames PEFT's lora_A/B):
+# hadakron.ops' names, plus LyCORIS' lokr_t1 (named in checks, not applied).
 KNOWN_PARAMS: dict[str, frozenset[str]] = {
-    "loha": frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}),
-    "lokr": frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2"}),
-    "lora": frozenset({"lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight"}),
+    **PARAM_NAMES,
+    "lokr": PARAM_NAMES["lokr"] | {"lokr_t1"},
     # LyCORIS algorithms that are not LoHa/LoKr/LoRA: recognised so they are named, not applied.
     "full": frozenset({"diff", "diff_b"}),
     "norm": frozenset({"w_norm", "b_norm"}),
@@ -181,8 +181,7 @@ def _lokr_problems(p: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def _lora_problems(p: Mapping[str, torch.Tensor]) -> list[str]:
-    up = "lora_up.weight" if "lora_up.weight" in p or "lora_B.weight" not in p else "lora_B.weight"
-    down = "lora_down.weight" if "lora_down.weight" in p or "lora_A.weight" not in p else "lora_A.weight"
+    up, down = "lora_up.weight", "lora_down.weight"
     problems = _missing(p, [up, down])
     if problems:
         return problems

@@ -8,6 +8,7 @@ so hashes computed from our bytes equal the ones kohya computes from safetensors
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +67,6 @@ class Header:
     entries: tuple[TensorEntry, ...]
     metadata: dict[str, str]
     file_size: int
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def read_header(path: str | Path) -> Header:
@@ -152,7 +146,7 @@ def _parse_entry(path: Path, name: str, info: object, data_size: int) -> TensorE
         raise AdapterFileError(path, "bad data_offsets", key=name, expected="[begin, end] with 0 <= begin <= end",
                                found=repr(offsets)[:80])
     begin, end = offsets
-    nbytes = _numel(shape) * ITEMSIZE[dtype]
+    nbytes = math.prod(shape) * ITEMSIZE[dtype]
     if end - begin != nbytes:
         raise AdapterFileError(path, "tensor byte size does not match its shape and dtype", key=name,
                                expected=f"{nbytes} bytes for {dtype} {list(shape)}", found=f"{end - begin} bytes")

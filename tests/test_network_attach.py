@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hadakron.arch import LAYOUTS, detect_family
-from hadakron.network import AdapterNetwork, NetworkConfig
+from hadakron.network import AdapterNetwork
 
 from helpers import anima, sdxl  # noqa: F401 (fixtures)
 from helpers import build_network as build

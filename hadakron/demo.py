@@ -156,7 +156,7 @@ def _run(out: Path, *, steps: int, seed: int, overwrite: bool, echo: Callable[[s
         student = copy.deepcopy(base)
         with warnings.catch_warnings():  # the tiny model holds only a few of SDXL's layers: expected here
             warnings.simplefilter("ignore")
-            net = AdapterNetwork.build("sdxl", {"unet": student}, config)
+            net = AdapterNetwork.build("sdxl", {"unet": student}, config, seed=seed)
         net.attach()
         train_config = TrainConfig(steps=steps, batch_size=8, learning_rate=1e-2 if algo == "lokr" else 5e-3,
                                    scheduler="cosine", seed=seed)

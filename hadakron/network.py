@@ -13,6 +13,7 @@ Attaching wraps each layer's forward: y = layer(x) + adapter(x), computed as one
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import re
 import warnings
@@ -282,6 +283,17 @@ class _BypassForward:
 _NO_ATTR = object()
 
 
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device | str | None = None):
+    """Seed torch's RNG (CPU, and the CUDA device in use) inside a fork that restores the caller's state after."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
 class AdapterNetwork(nn.Module):
     """Adapters over a family's parts. Build with `AdapterNetwork.build`; state keys are kohya names."""
 
@@ -297,8 +309,16 @@ class AdapterNetwork(nn.Module):
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, family: str | Family, parts: Mapping[str, nn.Module], config: NetworkConfig | None = None,
-              *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "AdapterNetwork":
-        """Create fresh adapters (dW = 0) for every selected layer of the given parts."""
+              *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+              seed: int | None = None) -> "AdapterNetwork":
+        """Create fresh adapters (dW = 0) for every selected layer of the given parts.
+
+        With `seed`, the random init is drawn from an RNG seeded with it inside a fork, so the same seed gives the
+        same adapters (and the same training run) while the caller's random state is left untouched.
+        """
+        if seed is not None:
+            with seeded_rng(int(seed), device):
+                return cls.build(family, parts, config, dtype=dtype, device=device)
         fam = get_family(family)
         config = config or NetworkConfig()
         net = cls(fam, config)

@@ -255,7 +255,8 @@ class _Trainer:
 
                 def encode(i, _clip=te_clip, _lines=lines):
                     return _clip.encode_from_tokens(_clip.tokenize(_lines[i]), return_pooled=True, return_dict=True)
-            net = AdapterNetwork.build(family, parts, _network_config(algo, kw), device=mp.load_device)
+            net = AdapterNetwork.build(family, parts, _network_config(algo, kw), device=mp.load_device,
+                                       seed=kw["seed"])
             resume = _resume(net, kw["resume_from"], family) if kw["resume_from"] != NONE else None
             config = TrainConfig(
                 steps=kw["steps"], batch_size=kw["batch_size"], learning_rate=kw["learning_rate"],

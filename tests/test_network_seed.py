@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from torch import nn
 
@@ -29,6 +30,7 @@ def factors(net: AdapterNetwork) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.file_state_dict().items()}
 
 
+@pytest.mark.filterwarnings("ignore:SDXL unet")  # the tiny model holds 1 of 722 layers: expected
 def test_same_seed_same_init_and_caller_rng_untouched():
     for algo in ("loha", "lokr"):
         config = NetworkConfig(algo=algo, network_dim=4, network_alpha=2.0)

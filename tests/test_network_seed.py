@@ -13,7 +13,7 @@ logging.getLogger("hadakron").setLevel(logging.ERROR)
 
 
 def tiny_unet() -> nn.Module:
-    """Two SDXL-named layers: one attention Linear, one ResBlock conv."""
+    """One SDXL-named layer: input_blocks.4.1.transformer_blocks.0.attn1.to_q."""
     root = nn.Module()
     root.input_blocks = nn.ModuleList([nn.Module() for _ in range(5)])
     block = root.input_blocks[4]

@@ -56,7 +56,7 @@ def save_adapter(adapter, prefix: str, *, extra_metadata: dict[str, str] | None 
     metadata.update(extra_metadata or {})
     path = next_free_path(prefix)
     written = write_adapter(path, adapter.tensors, metadata, overwrite=False)
-    state = getattr(adapter, "training_state", None)
+    state = adapter.training_state
     if state is not None:
         write_training_state(sidecar_path(written), state[0], state[1], overwrite=False)
     return written

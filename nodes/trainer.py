@@ -117,9 +117,8 @@ def _metadata(algo, family, net: AdapterNetwork, kw: dict, step: int, count: int
 
 
 def _adapter_file(tensors, metadata, training_state=None) -> AdapterFile:
-    adapter = AdapterFile(path=None, tensors=tensors, metadata=metadata, modules=group_modules(tensors), problems=[])
-    adapter.training_state = training_state
-    return adapter
+    return AdapterFile(path=None, tensors=tensors, metadata=metadata, modules=group_modules(tensors), problems=[],
+                       training_state=training_state)
 
 
 def _resume(net: AdapterNetwork, name: str, family: str):

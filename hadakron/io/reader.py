@@ -14,18 +14,25 @@ from hadakron.io.safetensors_format import read_header
 
 @dataclass
 class AdapterFile:
-    """An adapter file's contents: tensors by file key, metadata, tensors grouped by module, and warnings."""
+    """An adapter file's contents: tensors by file key, metadata, tensors grouped by module, and warnings.
 
-    path: Path
+    `path` is None for an adapter held in memory (a trainer's output). `training_state` optionally carries the
+    optimizer/scheduler state a trainer hands to Save Adapter for an exact resume; it is not part of the file.
+    """
+
+    path: Path | None
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    training_state: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
 
     @property
     def size_bytes(self) -> int:
-        """Size of the file on disk when it was read."""
-        return self.path.stat().st_size if self.path.exists() else 0
+        """Size of the file on disk when it was read; for an in-memory adapter, the bytes of its tensors."""
+        if self.path is not None and self.path.exists():
+            return self.path.stat().st_size
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 def read_adapter(path: str | Path, *, device: str | torch.device = "cpu") -> AdapterFile:

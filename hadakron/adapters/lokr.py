@@ -219,8 +219,12 @@ class LoKr(AdapterModule):
 
     def fused_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Frozen Linear + LoKr term through `ops.lokr_linear` (one autograd node; multiplier and scalar folded in)."""
-        w1, w2 = ops.lokr_factors({n: t.to(x.dtype) for n, t in self.live_params().items()})
-        return ops.lokr_linear(x, weight, bias, w1, w2, self.scale * self.multiplier)
+        params = self.live_params()
+        if len(params) == 2 and "lokr_w1" in params and "lokr_w2" in params and params["lokr_w2"].dim() == 2:
+            w1, w2 = params["lokr_w1"], params["lokr_w2"]  # two full matrices: ops casts them to x's dtype itself
+        else:
+            w1, w2 = ops.lokr_factors({n: t.to(x.dtype) for n, t in params.items()})
+        return ops.lokr_linear(x, weight, bias, w1, w2, self._scale * self.multiplier)
 
     def _differentiable_delta(self, params: dict[str, Tensor], scale: float) -> Tensor:
         w1, w2 = ops.lokr_factors(params)

@@ -54,6 +54,13 @@ def _w1_2d(w1: Factor) -> Factor:
 
 
 def _kron_linear_inputs(x: torch.Tensor, w1, w2, scale):
+    if isinstance(w1, torch.Tensor) and isinstance(w2, torch.Tensor) and w1.dim() == 2 and w2.dim() == 2:
+        # two full matrices (what the trainer attaches): the same inputs, without the Factor objects' per-call cost
+        w1 = w1 if (w1.dtype == x.dtype and w1.device == x.device) else w1.to(dtype=x.dtype, device=x.device)
+        w2 = w2 if (w2.dtype == x.dtype and w2.device == x.device) else w2.to(dtype=x.dtype, device=x.device)
+        if x.shape[-1] != w1.shape[1] * w2.shape[1]:
+            raise ValueError(f"LoKr bypass: input width {x.shape[-1]} != W1 cols {w1.shape[1]} x W2 cols {w2.shape[1]}")
+        return (w1 if _is_one(scale) else w1 * scale), w2, None
     f1, f2 = _w1_2d(_cast(as_factor(w1), x)), _cast(as_factor(w2), x)
     c, d = f1.cols, f2.cols
     if x.shape[-1] != c * d:

@@ -50,7 +50,7 @@ class Full:
     @property
     def cols(self) -> int:
         """Width of the flattened 2-D form (cols * kh * kw)."""
-        return int(self.w[0].numel())
+        return math.prod(int(d) for d in self.w.shape[1:])  # not w[0]: an autograd select per call
 
     @property
     def kernel(self) -> tuple[int, ...]:
@@ -132,7 +132,7 @@ class LowRank:
 
     @property
     def cols(self) -> int:
-        return int(self.b[0].numel())
+        return math.prod(int(d) for d in self.b.shape[1:])
 
     @property
     def kernel(self) -> tuple[int, ...]:

@@ -301,7 +301,10 @@ class _Trainer:
         loss_map = {"loss": list(result.losses)}
         text = result.message or (f"trained to step {result.step}; final loss {result.losses[-1]:.5g}"
                                   if result.losses else f"no steps trained (step {result.step})")
-        return {"ui": {"hadakron_loss": [json.dumps({"loss": list(result.losses)})], "text": [text]},
+        # first_step places a resumed run's curve at its real steps on the chart (losses are consecutive, 1-based;
+        # a run stopped by a NaN also lists the rolled-back step, so count from the start, not from result.step).
+        curve = {"loss": list(result.losses), "first_step": (resume.step if resume is not None else 0) + 1}
+        return {"ui": {"hadakron_loss": [json.dumps(curve)], "text": [text]},
                 "result": (adapter, model_out, loss_map, clip_out)}
 
 

@@ -7,6 +7,7 @@ differentiable RMS+RoPE stand-in matches comfy_kitchen's fused op.
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ def test_trainer_loss_falls_and_files_load_everywhere(family, algo, comfy_env, t
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any("forward" in m.__dict__ for m in model.model.diffusion_model.modules())
-    assert '"loss"' in out["ui"]["hadakron_loss"][0]
+    assert json.loads(out["ui"]["hadakron_loss"][0]) == {"loss": losses, "first_step": 1}
 
     saved = save_mod.HadakronSaveAdapter().save(adapter, "runs/test")["result"][0]
     from pathlib import Path
@@ -171,6 +172,8 @@ def test_interrupt_leaves_valid_autosave_and_resume(comfy_env, trainer_mod, smal
                    steps=5, resume_from=files[0].name)
     adapter = out["result"][0]
     assert adapter.metadata["hadakron.step"] == "5" and len(out["result"][2]["loss"]) == 2
+    curve = json.loads(out["ui"]["hadakron_loss"][0])  # the chart places the resumed steps at 4 and 5
+    assert curve["first_step"] == 4 and len(curve["loss"]) == 2
 
 
 def test_differentiable_rms_rope_matches_kitchen(runtime_mod):

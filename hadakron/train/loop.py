@@ -299,7 +299,12 @@ def train(
                 scaler.unscale_(optimizer)
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(plist, config.max_grad_norm)
-            last_good = [p.detach().clone() for p in plist]
+            if last_good is None:
+                last_good = [p.detach().clone() for p in plist]
+            else:  # reuse the buffers: one copy per step, no allocation
+                with torch.no_grad():
+                    for good, p in zip(last_good, plist):
+                        good.copy_(p)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
 
 from hadakron.arch import get_family, parse_module_key
-from hadakron.ops import algorithm_of, alpha_of, module_rank, module_scale, natural_shape
+from hadakron.io.module_checks import NonfiniteTensors, nonfinite_tensors
+from hadakron.ops import algorithm_of, alpha_of, applied_params, module_rank, module_scale, natural_shape
 
 Params = Mapping[str, torch.Tensor]
 Resolver = Callable[[str], "tuple[str, str, str] | None"]
@@ -51,7 +51,7 @@ class MatchedModule:
     def to_dict(self) -> dict:
         return {"key": self.module_key, "part": self.part, "layer": self.dotted, "block": self.block,
                 "algorithm": self.algorithm, "layout": self.layout, "shape": list(self.shape),
-                "rank": self.rank, "alpha": self.alpha, "scale": self.scale}
+                "rank": self.rank, "alpha": _json_number(self.alpha), "scale": _json_number(self.scale)}
 
 
 @dataclass
@@ -171,6 +171,11 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _json_number(value: float | None) -> float | str | None:
+    """A float JSON can carry: inf/NaN (an unused sd-scripts alpha may be inf) become the strings 'inf'/'nan'."""
+    return value if value is None or math.isfinite(value) else str(value)
+
+
 def _fmt_counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items())
 
@@ -212,42 +217,6 @@ def weight_accepts(weight_shape: tuple[int, ...], flat: tuple[int, int]) -> bool
     """True when a delta of flattened shape `flat` reshapes onto a weight of `weight_shape`."""
     return (len(weight_shape) >= 2 and weight_shape[0] == flat[0]
             and int(math.prod(weight_shape[1:])) == flat[1])
-
-
-# (same-size integer dtype, exponent mask): a float is NaN/Inf exactly when all its exponent bits are set.
-_EXPONENT_MASKS = {
-    torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
-    torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000),
-}
-
-
-# Scan results per tensor object: a loader node re-reports the same (cached) file at every strength change.
-# Keyed by id(); the weak reference drops the entry when the tensor dies (tensors cannot be dict keys by value).
-_SCANNED: dict[int, tuple[weakref.ref, int, bool]] = {}
-
-
-def _has_nonfinite(t: torch.Tensor) -> bool:
-    """True when `t` holds NaN/Inf; an integer test of the exponent bits (torch.isfinite is slow on bf16 CPU)."""
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
-        return False
-    hit = _SCANNED.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
-    spec = _EXPONENT_MASKS.get(t.dtype)
-    if spec is None:
-        bad = not bool(torch.isfinite(t.float()).all())
-    else:
-        int_dtype, mask = spec
-        bits = t.contiguous().view(int_dtype)
-        bad = bool(((bits & mask) == mask).any())
-    key = id(t)
-    _SCANNED[key] = (weakref.ref(t, lambda _ref, k=key: _SCANNED.pop(k, None)), t._version, bad)
-    return bad
-
-
-def _finite(params: Params) -> list[str]:
-    """Names of the module's tensors that hold NaN/Inf values."""
-    return [name for name, t in params.items() if _has_nonfinite(t)]
 
 
 def default_resolver(family: str) -> Resolver:
@@ -297,12 +266,18 @@ def build_load_report(
     problems: list[str] | None = None,
     resolver: Resolver | None = None,
     block_of: Callable[[str, str], str] | None = None,
+    nonfinite: NonfiniteTensors | None = None,
 ) -> LoadReport:
     """Match every module of a file against the model's layers.
 
     `model_shapes`: `(part, dotted) -> weight shape` of the loaded model; `loaded_parts`: the parts the node
-    patches (e.g. no text encoders for a model-only loader); `resolver`: module key -> `(part, dotted, layout)`.
+    patches (e.g. no text encoders for a model-only loader); `resolver`: module key -> `(part, dotted, layout)`;
+    `nonfinite`: the file's NaN/Inf scan (`AdapterFile.nonfinite_tensors()`, made once per file), scanned here when
+    not given. A module is dropped as non-finite only when a tensor `hadakron.ops` applies holds NaN/Inf (an unused
+    alpha does not count).
     """
+    if nonfinite is None:
+        nonfinite = nonfinite_tensors(modules)
     resolver = resolver or default_resolver(family)
     block_of = block_of or default_block_of(family)
     parts_present = {p for p, _ in model_shapes}
@@ -346,7 +321,7 @@ def build_load_report(
                 f"delta-W is {list(flat)} but {part} '{dotted}' weight is {list(shape)}",
                 expected=tuple(shape), found=tuple(flat)))
             continue
-        bad = _finite(params)
+        bad = sorted(set(nonfinite.get(module_key, {})) & applied_params(params))
         if bad:
             unmatched.append(UnmatchedKey(module_key, "nonfinite",
                                           f"{', '.join(bad)} hold NaN/Inf values; module skipped"))

@@ -155,7 +155,8 @@ def apply_adapter(model, clip, adapter, strength_model: float, strength_clip: fl
         loaded_parts += [p for p in ("te1", "te2", "te") if any(k[0] == p for k in shapes)]
     report = build_load_report(modules, getattr(adapter, "metadata", {}) or {}, family, shapes,
                                loaded_parts=tuple(loaded_parts), source=source or _source_name(adapter, None),
-                               problems=list(getattr(adapter, "problems", []) or []))
+                               problems=list(getattr(adapter, "problems", []) or []),
+                               nonfinite=adapter.nonfinite_tensors() if hasattr(adapter, "nonfinite_tensors") else None)
     _check_family(adapter, modules, family, report)
     report.strengths = {"model": float(strength_model)} | ({"clip": float(strength_clip)} if clip is not None else {})
     report.block_weights = bw.text

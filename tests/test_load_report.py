@@ -128,15 +128,53 @@ def test_training_metadata_is_decoded():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_nonfinite_scan_is_exact(dtype):
-    from hadakron.load_report import _has_nonfinite
+    from hadakron.io.module_checks import nonfinite_counts
 
     t = torch.randn(50, 9).to(dtype)
-    assert not _has_nonfinite(t)
+    assert nonfinite_counts(t) is None
     big = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)  # largest finite values are not flagged
-    assert not _has_nonfinite(big) and not _has_nonfinite(-big)
-    for bad in (math.nan, math.inf, -math.inf):
+    assert nonfinite_counts(big) is None and nonfinite_counts(-big) is None
+    for bad, counts in ((math.nan, (1, 0)), (math.inf, (0, 1)), (-math.inf, (0, 1))):
         u = t.clone()
         u[7, 2] = bad
-        assert _has_nonfinite(u) and _has_nonfinite(u.t())
-    t[0, 0] = math.nan  # an in-place change after a scan is seen (the cache follows the tensor's version)
-    assert _has_nonfinite(t)
+        assert nonfinite_counts(u) == counts and nonfinite_counts(u.t()) == counts
+
+
+def test_scan_and_report_on_inference_tensors_twice():
+    """A prompt hands the loader inference tensors (no version counter); the same file is reported again on re-queue."""
+    with torch.inference_mode():
+        good = _loha(8, 8, r=2)
+        bad = _loha(6, 4, r=2)
+        bad["hada_w2_b"][0, 1] = math.nan
+        modules = {"lora_unet_" + Q.replace(".", "_"): good, "lora_te1_" + TE.replace(".", "_"): bad}
+    assert good["hada_w1_a"].is_inference()
+    for _ in range(2):
+        with torch.inference_mode():
+            rep = _report(modules)
+        assert [m.dotted for m in rep.matched] == [Q]
+        assert [(u.kind, u.reason) for u in rep.unmatched] == [
+            ("nonfinite", "hada_w2_b hold NaN/Inf values; module skipped")]
+
+
+def test_precomputed_scan_is_used_not_redone():
+    """The loader passes the file's one scan; the report trusts it (a module flagged there is dropped)."""
+    modules = {"lora_unet_" + Q.replace(".", "_"): _loha(8, 8, r=2)}
+    rep = _report(modules, nonfinite={"lora_unet_" + Q.replace(".", "_"): {"hada_w1_a": (1, 0)}})
+    assert not rep.matched and rep.unmatched[0].kind == "nonfinite"
+
+
+def test_unused_inf_alpha_of_full_lokr_is_applied():
+    """sd-scripts saves a LoKr with both factors full (dim 100000) in fp16 with alpha = inf: alpha is unused (scale 1),
+    so the module applies; an inf alpha that does set the scale (w2 decomposed) drops the module."""
+    full = {"lokr_w1": torch.randn(2, 2).half(), "lokr_w2": torch.randn(4, 4).half(),
+            "alpha": torch.tensor(math.inf, dtype=torch.float16)}
+    low = {"lokr_w1": torch.randn(2, 2).half(), "lokr_w2_a": torch.randn(4, 2).half(),
+           "lokr_w2_b": torch.randn(2, 4).half(), "alpha": torch.tensor(math.inf, dtype=torch.float16)}
+    rep = _report({"lora_unet_" + Q.replace(".", "_"): full, "lora_te1_" + TE.replace(".", "_"): dict(low)})
+    assert [m.dotted for m in rep.matched] == [Q] and rep.matched[0].scale == 1.0
+    assert rep.unmatched[0].kind == "shape_mismatch" or rep.unmatched[0].kind == "nonfinite"
+    rep2 = _report({"lora_unet_" + Q.replace(".", "_"): low})
+    assert not rep2.matched and rep2.unmatched[0].kind == "nonfinite" and "alpha" in rep2.unmatched[0].reason
+    d = json.loads(rep.to_json())  # strict JSON for the browser: no bare Infinity token
+    assert d["matched"][0]["alpha"] == "inf"
+    json.loads(rep.to_json(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))

@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 
 from hadakron.arch import split_key as arch_split_key
-from hadakron.ops import PARAM_NAMES, module_factors
+from hadakron.ops import PARAM_NAMES, applied_params, module_factors
 
 # The parameter names we know per algorithm, in canonical spelling (`group_modules` renames PEFT's lora_A/B):
 # hadakron.ops' names, plus LyCORIS' lokr_t1 (named in checks, not applied).
@@ -50,23 +50,57 @@ def algorithm_guess(params: Mapping[str, object]) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def nonfinite_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """One problem per floating tensor holding NaN or Inf values, with the counts."""
+# (same-size integer dtype, exponent mask): a float is NaN/Inf exactly when all its exponent bits are set.
+_EXPONENT_MASKS = {
+    torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000),
+}
+
+# module key -> param -> (NaN count, Inf count), for the tensors that hold any.
+NonfiniteTensors = dict[str, dict[str, tuple[int, int]]]
+
+
+def nonfinite_counts(t: torch.Tensor) -> tuple[int, int] | None:
+    """(NaN count, Inf count) of a floating tensor that holds any, else None.
+
+    Reads only (no `_version`, nothing in place), so inference tensors from a ComfyUI prompt are fine; the first
+    pass is an integer test of the exponent bits (torch.isfinite is slow on bf16 CPU).
+    """
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+        return None
+    spec = _EXPONENT_MASKS.get(t.dtype)
+    if spec is not None:
+        int_dtype, mask = spec
+        if not bool(((t.contiguous().view(int_dtype) & mask) == mask).any()):
+            return None
+    values = t if spec is not None else t.float()
+    nan = int(torch.isnan(values).sum())
+    inf = int(torch.isinf(values).sum())
+    return (nan, inf) if nan or inf else None
+
+
+def nonfinite_tensors(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> NonfiniteTensors:
+    """Every tensor holding NaN/Inf, by module and parameter name: one pass over the file's values."""
+    found: NonfiniteTensors = {}
+    for module, params in modules.items():
+        for param, t in params.items():
+            counts = nonfinite_counts(t)
+            if counts is not None:
+                found.setdefault(module, {})[param] = counts
+    return found
+
+
+def nonfinite_problems(modules: Mapping[str, Mapping[str, torch.Tensor]], found: NonfiniteTensors) -> list[str]:
+    """One warning per tensor holding NaN/Inf; a value `hadakron.ops` does not use says so (it changes nothing)."""
     problems = []
-    for key, t in tensors.items():
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            t = t.float()
-        # fast path: NaN/Inf propagate into the sum (a finite overflow only sends us to the exact count)
-        if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
-            continue
-        finite = torch.isfinite(t)
-        if bool(finite.all()):
-            continue
-        nan = int(torch.isnan(t).sum())
-        inf = int(t.numel() - int(finite.sum()) - nan)
-        problems.append(f"{key}: {nan} NaN and {inf} Inf values out of {t.numel()}")
+    for module, bad in found.items():
+        params = modules[module]
+        used = applied_params(params)
+        for param, (nan, inf) in bad.items():
+            text = f"{module}.{param}: {nan} NaN and {inf} Inf values out of {params[param].numel()}"
+            if param == "alpha" and "alpha" not in used and algorithm_guess(params) == "lokr":
+                text += " (not used: both LoKr factors are full, so the scale is 1)"
+            problems.append(text)
     return problems
 
 

@@ -8,7 +8,9 @@ import torch
 
 from hadakron.arch import split_key as arch_split_key
 from hadakron.io.errors import AdapterFileError
-from hadakron.io.module_checks import group_modules, module_problems, nonfinite_problems
+from hadakron.io.module_checks import (
+    NonfiniteTensors, group_modules, module_problems, nonfinite_problems, nonfinite_tensors,
+)
 from hadakron.io.safetensors_format import read_header
 
 
@@ -26,6 +28,13 @@ class AdapterFile:
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     training_state: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
+    nonfinite: NonfiniteTensors | None = None
+
+    def nonfinite_tensors(self) -> NonfiniteTensors:
+        """The tensors holding NaN/Inf, by module and parameter; scanned once per AdapterFile (read_adapter does it)."""
+        if self.nonfinite is None:
+            self.nonfinite = nonfinite_tensors(self.modules or group_modules(self.tensors))
+        return self.nonfinite
 
     @property
     def size_bytes(self) -> int:
@@ -42,10 +51,12 @@ def read_adapter(path: str | Path, *, device: str | torch.device = "cpu") -> Ada
     _require_adapter_keys(path, [e.name for e in header.entries])
     tensors = _load_tensors(path, header.entries, device)
     modules = group_modules(tensors)
-    problems = nonfinite_problems(tensors)
+    nonfinite = nonfinite_tensors(modules)
+    problems = nonfinite_problems(modules, nonfinite)
     for module, params in modules.items():
         problems += module_problems(module, params)
-    return AdapterFile(path=path, tensors=tensors, metadata=header.metadata, modules=modules, problems=problems)
+    return AdapterFile(path=path, tensors=tensors, metadata=header.metadata, modules=modules, problems=problems,
+                       nonfinite=nonfinite)
 
 
 def _require_adapter_keys(path: Path, keys: list[str]) -> None:

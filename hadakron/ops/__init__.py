@@ -18,6 +18,7 @@ from .params import (
     PARAM_NAMES,
     algorithm_of,
     alpha_of,
+    applied_params,
     loha_factors,
     lokr_factors,
     lora_factor,
@@ -29,7 +30,7 @@ from .rebuild import hada_product, kron_into, loha_delta, lokr_delta
 from .weights import delta_weight, dora_norm, lora_form, natural_shape, patched_weight
 
 __all__ = [
-    "PARAM_NAMES", "algorithm_of", "alpha_of", "module_rank", "module_scale", "module_factors",
+    "PARAM_NAMES", "algorithm_of", "alpha_of", "applied_params", "module_rank", "module_scale", "module_factors",
     "loha_factors", "lokr_factors", "lora_factor",
     "delta_weight", "natural_shape", "patched_weight", "lora_form", "dora_norm", "factorization",
     "Factor", "Full", "LowRank", "Tucker", "as_factor",

@@ -181,3 +181,15 @@ def module_scale(params: Params) -> float:
     if alpha is None or rank is None:
         return 1.0
     return alpha / rank
+
+
+def applied_params(params: Params) -> frozenset[str]:
+    """Names of the tensors `delta_weight`/`patched_weight` read for this module: its factors, `dora_scale`, and
+    `alpha` only where it sets the scale (a LoKr with both factors full ignores it; sd-scripts may store inf there)."""
+    alg = algorithm_of(params)
+    if alg is None:
+        return frozenset()
+    names = {n for n in params if n in PARAM_NAMES[alg] or n == "dora_scale"}
+    if "alpha" in params and module_rank(params) is not None:
+        names.add("alpha")
+    return frozenset(names)

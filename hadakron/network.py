@@ -319,6 +319,10 @@ class AdapterNetwork(nn.Module):
         if seed is not None:
             with seeded_rng(int(seed), device):
                 return cls.build(family, parts, config, dtype=dtype, device=device)
+        if torch.is_inference_mode_enabled():
+            # ComfyUI runs nodes under inference mode; adapters are trained, so they must be normal tensors.
+            with torch.inference_mode(False):
+                return cls.build(family, parts, config, dtype=dtype, device=device)
         fam = get_family(family)
         config = config or NetworkConfig()
         net = cls(fam, config)

@@ -20,6 +20,7 @@ from hadakron.io.module_checks import group_modules
 from hadakron.network import AdapterNetwork, NetworkConfig
 from hadakron.train import (
     SCHEDULERS,
+    normal_copy,
     ResumeState,
     TrainCallbacks,
     TrainConfig,
@@ -237,13 +238,15 @@ class _Trainer:
         algo = self.ALGORITHM
         family = model_family(model)
         with torch.inference_mode(False), torch.enable_grad():
+            # upstream nodes ran under inference mode: the (small) latents and conds become normal tensors here;
+            # the model's own weights are made autograd-usable without a copy inside run_training
             samples = flatten_latents(latents)
-            conds = expand_conditioning(positive, len(samples))
+            conds = expand_conditioning(normal_copy(positive), len(samples))
             mp = model.clone()
             dm = mp.model.diffusion_model
             dm.requires_grad_(False)
             parts = {"unet": dm}
-            encode = None
+            encode = te_clip = None
             if train_te:
                 lines = split_captions(captions, len(samples))
                 te_clip = clip.clone()
@@ -251,9 +254,10 @@ class _Trainer:
                 for module in te_parts.values():
                     module.requires_grad_(False)
                 parts.update(te_parts)
+                tokens = {line: te_clip.tokenize(line) for line in dict.fromkeys(lines)}
 
-                def encode(i, _clip=te_clip, _lines=lines):
-                    return _clip.encode_from_tokens(_clip.tokenize(_lines[i]), return_pooled=True, return_dict=True)
+                def encode(i, _clip=te_clip, _lines=lines, _tokens=tokens):
+                    return _clip.encode_from_tokens(_tokens[_lines[i]], return_pooled=True, return_dict=True)
             net = AdapterNetwork.build(family, parts, _network_config(algo, kw), device=mp.load_device,
                                        seed=kw["seed"])
             resume = _resume(net, kw["resume_from"], family) if kw["resume_from"] != NONE else None
@@ -288,7 +292,8 @@ class _Trainer:
             blocks = checkpoint_blocks(dm, family, llm_adapter=kw["train_llm_adapter"])
             with autograd_safe_text_encoders([parts[p] for p in parts if p != "unet"]):
                 result = run_training(mp, net, samples, conds, config, callbacks, resume=resume, blocks=blocks,
-                                      gradient_checkpoint=kw["gradient_checkpointing"], encode=encode)
+                                      gradient_checkpoint=kw["gradient_checkpointing"], encode=encode,
+                                      text_encoder=te_clip)
             snap = result.snapshot
             tensors = snap.adapter_tensors()
             meta = _metadata(algo, family, net, kw, result.step, len(samples), result.losses, tensors)

@@ -15,7 +15,9 @@ import comfy.model_management
 import comfy.samplers
 from comfy_extras.nodes_train import TrainGuider, make_batch_extra_option_dict, process_cond_list
 
-from hadakron.train import LatentDataset, ModelSamplingObjective, TrainCallbacks, TrainConfig, train
+from hadakron.train import (
+    LatentDataset, ModelSamplingObjective, TrainCallbacks, TrainConfig, autograd_safe_weights, train,
+)
 
 log = logging.getLogger("hadakron")
 
@@ -190,13 +192,17 @@ class _HadakronSampler(comfy.samplers.Sampler):
 
 def run_training(mp, network, latents: list[torch.Tensor], positive: list, config: TrainConfig,
                  callbacks: TrainCallbacks, *, resume=None, blocks: list | None = None,
-                 gradient_checkpoint: bool = True, encode: Callable[[int], dict] | None = None):
+                 gradient_checkpoint: bool = True, encode: Callable[[int], dict] | None = None,
+                 text_encoder=None):
     """Train `network` (already built on mp's diffusion model) on latents/conds with the model's own objective.
 
     `latents`: per-sample latents (C, ...) in the VAE's space (process_latent_in is applied here);
     `positive`: one conditioning entry per sample. `encode(i)`, when given, re-encodes sample i's caption
     with gradients (text-encoder training: `{"cond", "pooled_output", ...}` as CLIP.encode_from_tokens
-    returns with return_dict) and its model conds are rebuilt every step. Returns hadakron.train's TrainResult.
+    returns with return_dict) and its model conds are rebuilt every step; `text_encoder` is the CLIP clone it
+    encodes with, loaded once beside the diffusion model for the whole run. The frozen weights of both (inference
+    tensors when the models were loaded by a prompt) are swapped for same-storage normal tensors while training
+    (`autograd_safe_weights`; no copy). Returns hadakron.train's TrainResult.
     """
     model_sampling = mp.get_model_object("model_sampling")
     device = mp.load_device
@@ -228,7 +234,14 @@ def run_training(mp, network, latents: list[torch.Tensor], positive: list, confi
             denoised = model_wrap(noisy, sigma, **extra)
             return raw_output_from_denoised(model_sampling, sigma, denoised, noisy)
 
-        return train(network, model_call, dataset, objective, config, callbacks, resume=resume)
+        frozen = [mp.model]
+        if text_encoder is not None:
+            # once per run: ComfyUI's encode_from_tokens would call load_models_gpu at every step
+            comfy.model_management.load_models_gpu([mp, text_encoder.patcher])
+            text_encoder.load_model = lambda tokens={}: text_encoder.patcher
+            frozen.append(text_encoder.cond_stage_model)
+        with autograd_safe_weights(*frozen):
+            return train(network, model_call, dataset, objective, config, callbacks, resume=resume)
 
     sampler = _HadakronSampler(run)
     guider = TrainGuider(mp)

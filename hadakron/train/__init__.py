@@ -3,6 +3,7 @@
 `train(network, model_call, batches, objective, config, callbacks)` is the entry point (see loop.py).
 """
 from hadakron.train.data import Batch, BatchSource, LatentDataset
+from hadakron.train.inference_tensors import autograd_safe_weights, normal_copy, storage_alias
 from hadakron.train.loop import (
     ResumeState,
     TrainCallbacks,
@@ -40,5 +41,5 @@ __all__ = [
     "FlowMatchingObjective", "ModelSamplingObjective", "Sample", "min_snr_weight", "scaled_linear_alphas_cumprod",
     "shift_timesteps", "available_optimizers", "build_optimizer", "resume_step", "SCHEDULERS", "lr_factor",
     "TrainingStateError", "apply_training_state", "read_training_state", "sidecar_path", "training_state",
-    "write_training_state",
+    "write_training_state", "autograd_safe_weights", "normal_copy", "storage_alias",
 ]

@@ -202,7 +202,12 @@ def train(
     Stops early on a non-finite loss (restoring the parameters of the last step whose loss was finite,
     with a message naming the step and value) or on an interrupt (autosave, then stop; an exception
     raised by `callbacks.interrupt` is re-raised after the autosave).
+    Runs with autograd on and outside inference mode whatever the caller's mode (ComfyUI calls nodes under
+    `torch.inference_mode()`); frozen base weights that are inference tensors need `autograd_safe_weights`.
     """
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        with torch.inference_mode(False), torch.enable_grad():
+            return train(network, model_call, batches, objective, config, callbacks, resume=resume)
     config.validate()
     callbacks = callbacks or TrainCallbacks()
     params = trainable_parameters(network)

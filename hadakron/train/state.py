@@ -154,8 +154,11 @@ def _apply_optimizer_state(tensors, metadata, named_params, optimizer, source) -
         if name not in named_params:
             raise TrainingStateError(f"{source}: optimizer state for {name!r}, which is not in the network")
         param = named_params[name]
+        # copies, never the file's tensors: the optimizer updates its state in place, and a file read during a
+        # ComfyUI prompt holds inference tensors
         optimizer.state[param] = {
-            k: (v.to(param.device) if isinstance(v, Tensor) and v.ndim > 0 else v) for k, v in state.items()
+            k: (v.to(param.device if v.ndim > 0 else v.device, copy=True) if isinstance(v, Tensor) else v)
+            for k, v in state.items()
         }
 
 

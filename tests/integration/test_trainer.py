@@ -3,6 +3,9 @@
 A few steps: the loss falls; the saved file loads in our loader and in ComfyUI's own LoraLoader with the
 same patched weights; an interrupt mid-run leaves a valid autosave (file + resume state); the
 differentiable RMS+RoPE stand-in matches comfy_kitchen's fused op.
+
+Everything runs the way ComfyUI's executor runs it: the models, latents and conditioning are made under
+`torch.inference_mode()` (as the loader / encode nodes make them) and the node is called inside it.
 """
 from __future__ import annotations
 
@@ -28,6 +31,28 @@ def runtime_mod(pack):
     return importlib.import_module(pack.__name__ + ".nodes.trainer_runtime")
 
 
+@pytest.fixture(scope="module")
+def small_sdxl(comfy_env):
+    """conftest's small SDXL, but built under inference mode as a prompt's checkpoint loader builds it."""
+    from conftest import build_small_sdxl
+    with torch.inference_mode():
+        return build_small_sdxl(comfy_env)
+
+
+@pytest.fixture(scope="module")
+def small_anima(comfy_env):
+    from conftest import build_small_anima
+    with torch.inference_mode():
+        return build_small_anima(comfy_env)
+
+
+@pytest.fixture(scope="module")
+def small_sdxl_clip(comfy_env):
+    from conftest import build_small_sdxl_clip
+    with torch.inference_mode():
+        return build_small_sdxl_clip(comfy_env)
+
+
 @pytest.fixture
 def output_dir(comfy_env, tmp_path):
     fp = comfy_env.folder_paths
@@ -38,6 +63,7 @@ def output_dir(comfy_env, tmp_path):
     fp.set_output_directory(before)
 
 
+@torch.inference_mode()
 def sdxl_inputs(n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     latents = {"samples": torch.randn(n, 4, 16, 16, generator=g)}
@@ -45,6 +71,7 @@ def sdxl_inputs(n=2, seed=0):
     return latents, positive
 
 
+@torch.inference_mode()
 def anima_inputs(n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     latents = {"samples": torch.randn(n, 16, 1, 8, 8, generator=g)}
@@ -77,8 +104,10 @@ def node_kwargs(**over):
 
 
 def run_node(node_cls, model, latents, positive, **kw):
+    """Call the trainer node as the executor does: list inputs, inside torch.inference_mode()."""
     args = {k: [v] for k, v in node_kwargs(**kw).items()}
-    return node_cls().train(model=[model], latents=[latents], positive=[positive], unique_id=["7"], **args)
+    with torch.inference_mode():
+        return node_cls().train(model=[model], latents=[latents], positive=[positive], unique_id=["7"], **args)
 
 
 @pytest.mark.parametrize("family,algo", [("sdxl", "lokr"), ("sdxl", "loha"), ("anima", "lokr")])
@@ -220,6 +249,7 @@ def test_live_loss_events_and_progress(comfy_env, trainer_mod, small_sdxl, outpu
     assert (3, 3, "7") in progress
 
 
+@torch.inference_mode()
 def sdxl_for_small_clip(env):
     """Small SDXL whose context (CLIP-L 64 + CLIP-G 64) and adm (pooled 64 + 6*256) fit the small test CLIPs."""
     import conftest as cf
@@ -232,6 +262,7 @@ def sdxl_for_small_clip(env):
     return env.comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+@torch.inference_mode()
 def anima_clip_full_vocab(env):
     """A one-layer Anima text encoder with Qwen's full vocabulary and width 1024 (what the llm_adapter takes)."""
     import comfy.text_encoders.anima as anima_te
@@ -250,12 +281,14 @@ def test_text_encoder_training_with_captions(family, comfy_env, trainer_mod, sma
     latents, positive = (sdxl_inputs if family == "sdxl" else anima_inputs)()
     if family == "sdxl":  # the caption encodings replace the context: a UNet for the small CLIPs' widths
         model = sdxl_for_small_clip(comfy_env)
-        positive = [[torch.zeros(1, 8, 128), {"pooled_output": torch.zeros(1, 64)}]]
+        with torch.inference_mode():
+            positive = [[torch.zeros(1, 8, 128), {"pooled_output": torch.zeros(1, 64)}]]
     te_before = {k: v.detach().clone() for k, v in clip.cond_stage_model.state_dict().items()}
     args = {k: [v] for k, v in node_kwargs(steps=3, factor=4, decompose_both=False).items()}
-    out = trainer_mod.HadakronLoKrTrainer().train(
-        model=[model], latents=[latents], positive=[positive], unique_id=["7"], clip=[clip],
-        captions=["a red cat\na blue dog"], te_learning_rate=[1e-2], **args)
+    with torch.inference_mode():
+        out = trainer_mod.HadakronLoKrTrainer().train(
+            model=[model], latents=[latents], positive=[positive], unique_id=["7"], clip=[clip],
+            captions=["a red cat\na blue dog"], te_learning_rate=[1e-2], **args)
     adapter, _, loss_map, clip_out = out["result"]
     te_prefix = "lora_te" if family == "anima" else "lora_te1_"
     te_keys = [k for k in adapter.tensors if k.startswith(te_prefix)]

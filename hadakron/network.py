@@ -222,7 +222,7 @@ class LoadReport:
 
 def _standard_linear(layer: nn.Module) -> bool:
     """True when the layer's class forward is nn.Linear's own, or ComfyUI's cast op's (`comfy.ops`, never imported),
-    which is nn.Linear's own while its cast machinery is off (`_fused_dtype` checks that on every call)."""
+    which is nn.Linear's own while its cast machinery is off (`_fusable_call` checks that on every call)."""
     if not isinstance(layer, nn.Linear):
         return False
     forward = type(layer).forward
@@ -230,20 +230,16 @@ def _standard_linear(layer: nn.Module) -> bool:
         getattr(forward, "__module__", None) == "comfy.ops" and hasattr(layer, "comfy_cast_weights"))
 
 
-def _fused_dtype(layer: nn.Module, x: Tensor) -> torch.dtype | None:
-    """The dtype F.linear would compute in, when the layer's weight and bias are plain tensors on x's device in
-    x's dtype (so nothing is cast or moved per call); None otherwise (the caller falls back)."""
+def _fusable_call(layer: nn.Module, x: Tensor) -> bool:
+    """True when the layer's weight and bias are plain tensors on x's device in x's dtype, so F.linear would
+    run on them as they are (nothing cast or moved per call; autocast's own cast `ops.lokr_linear` repeats)."""
     if getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None) \
             or getattr(layer, "bias_function", None) or layer.weight is None or not x.is_floating_point():
-        return None
+        return False
     for t in (layer.weight, layer.bias):
         if t is not None and (type(t) not in (Tensor, nn.Parameter) or t.dtype != x.dtype or t.device != x.device):
-            return None
-    if torch.is_autocast_enabled(x.device.type):
-        if x.dtype == torch.float64:
-            return None
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+            return False
+    return True
 
 
 class _BypassForward:
@@ -266,18 +262,11 @@ class _BypassForward:
         return y + self.adapter(x)
 
     def _fused(self, x: Tensor) -> Tensor | None:
-        """The fused forward, or None to fall back. Under autocast, x, weight and bias are cast to the autocast
-        dtype first, as autocast does for F.linear (the factors follow x's dtype)."""
-        if not self.adapter.fuses_linear():
+        """The fused forward, or None to fall back. Under autocast `ops.lokr_linear` casts x, weight, bias and
+        factors to the autocast dtype, as autocast does for F.linear."""
+        if not self.adapter.fuses_linear() or not _fusable_call(self.layer, x):
             return None
-        dtype = _fused_dtype(self.layer, x)
-        if dtype is None:
-            return None
-        weight, bias = self.layer.weight, self.layer.bias
-        if dtype != x.dtype:
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        return self.adapter.fused_linear(x, weight, bias)
+        return self.adapter.fused_linear(x, self.layer.weight, self.layer.bias)
 
 
 _NO_ATTR = object()

@@ -3,6 +3,9 @@
 Factor arguments are `Factor` objects (Full / LowRank / Tucker from `hadakron.ops.factors`) or plain tensors (a tensor
 is a Full factor, a pair (a, b) LowRank, a triple (core, a, b) Tucker). Math runs in `x.dtype` (factors are cast to
 it, differentiably), because training runs in the model's compute dtype. Only groups=1 convolutions.
+The two Linear products run through the `KronLinear` autograd Function, which autocast does not see: under
+`torch.autocast` they first cast x (and so the factors, weight and bias) to the autocast dtype, as autocast casts
+`F.linear` (`hadakron.ops.autocast`); the gradients flow back through those casts to the inputs' own dtypes.
 
 - `lokr_bypass_linear(x, w1, w2, scale)`: x (..., c*d) -> (..., a*b) with W1 (a, c), W2 (b, d), by the
   Kronecker-vector identity y = vec(W1 X W2^T), X = x viewed (c, d).
@@ -24,6 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .autocast import autocast_input
 from .autograd import HadaWeight
 from .kron_linear import KronLinear
 from .factors import Factor, LowRank, Tucker, as_factor
@@ -54,30 +58,38 @@ def _w1_2d(w1: Factor) -> Factor:
 
 
 def _kron_linear_inputs(x: torch.Tensor, w1, w2, scale):
+    """(x, W1 * scale, Q, P) for `KronLinear`, all in one dtype: x's, or autocast's when it is on for x's device."""
+    x = autocast_input(x)
     if isinstance(w1, torch.Tensor) and isinstance(w2, torch.Tensor) and w1.dim() == 2 and w2.dim() == 2:
         # two full matrices (what the trainer attaches): the same inputs, without the Factor objects' per-call cost
         w1 = w1 if (w1.dtype == x.dtype and w1.device == x.device) else w1.to(dtype=x.dtype, device=x.device)
         w2 = w2 if (w2.dtype == x.dtype and w2.device == x.device) else w2.to(dtype=x.dtype, device=x.device)
         if x.shape[-1] != w1.shape[1] * w2.shape[1]:
             raise ValueError(f"LoKr bypass: input width {x.shape[-1]} != W1 cols {w1.shape[1]} x W2 cols {w2.shape[1]}")
-        return (w1 if _is_one(scale) else w1 * scale), w2, None
+        return x, _scaled(w1, scale, x.dtype), w2, None
     f1, f2 = _w1_2d(_cast(as_factor(w1), x)), _cast(as_factor(w2), x)
     c, d = f1.cols, f2.cols
     if x.shape[-1] != c * d:
         raise ValueError(f"LoKr bypass: input width {x.shape[-1]} != W1 cols {c} x W2 cols {d}")
-    m1 = f1.matrix()
-    if not _is_one(scale):
-        m1 = m1 * scale
+    m1 = _scaled(f1.matrix(), scale, x.dtype)
     if isinstance(f2, (LowRank, Tucker)):
         p2, q2 = low_rank_pair(f2)  # W2 = p2 (b, r) @ q2 (r, d)
     else:
         p2, q2 = None, f2.matrix()
-    return m1, q2, p2
+    return x, m1, q2, p2
+
+
+def _scaled(m: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """m * scale kept in `dtype` (a float32 scale tensor of shape (1,) would otherwise promote a half m)."""
+    if _is_one(scale):
+        return m
+    out = m * scale
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def lokr_bypass_linear(x: torch.Tensor, w1, w2, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """scale * x @ kron(W1, W2)^T without building the product: x (..., c*d) -> (..., a*b)."""
-    m1, q2, p2 = _kron_linear_inputs(x, w1, w2, scale)
+    x, m1, q2, p2 = _kron_linear_inputs(x, w1, w2, scale)
     return KronLinear.apply(x, None, None, m1, q2, p2)
 
 
@@ -85,8 +97,9 @@ def lokr_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w1, w2, scale: float | torch.Tensor = 1.0
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) + scale * x @ kron(W1, W2)^T in one autograd node (the frozen layer fused in:
-    the LoKr term is accumulated into the layer's output and input gradient, saving two full-size passes)."""
-    m1, q2, p2 = _kron_linear_inputs(x, w1, w2, scale)
+    the LoKr term is accumulated into the layer's output and input gradient, saving two full-size passes).
+    The weight and bias are cast to x's dtype (autocast's under autocast)."""
+    x, m1, q2, p2 = _kron_linear_inputs(x, w1, w2, scale)
     if weight.dtype != x.dtype or weight.device != x.device:
         weight = weight.to(dtype=x.dtype, device=x.device)
     if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):

@@ -7,6 +7,8 @@ GEMM on a (possibly transposed) view, in a rank-major layout that needs no copie
   Y += T2^T P^T         (N*a, b)   [accumulated into the frozen layer's output by addmm_]
 The LoKr term is accumulated into the frozen layer's output (addmm_) and, backward, into its input gradient, so
 it adds no full-size passes of its own. Saved: x, the weight, the factors and the rank-width T1, T2.
+All inputs share one dtype, and the in-place `addmm_` is not on autocast's lists: callers cast them first,
+autocast's dtype included (`bypass.lokr_linear` / `lokr_bypass_linear` do); backward runs in that dtype too.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import torch
 
 class KronLinear(torch.autograd.Function):
-    """Inputs: x (..., c*d), weight (out, c*d) or None, bias or None, w1 (a, c), q (m, d), p (b, m) or None (W2 = q)."""
+    """Inputs, all in one dtype: x (..., c*d), weight (out, c*d) or None, bias or None, w1 (a, c), q (m, d),
+    p (b, m) or None (W2 = q)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, w1, q, p):
@@ -50,8 +53,7 @@ class KronLinear(torch.autograd.Function):
         x2, weight, w1, q, p, t1, t2 = ctx.saved_tensors
         a, b, c, d, m, n = ctx.dims
         need_x, need_w, need_b, need_w1, need_q, need_p = ctx.needs_input_grad
-        g = grad.reshape(n, a * b).to(x2.dtype)
-        t1, t2 = t1.to(x2.dtype), t2.to(x2.dtype)  # under autocast the forward ran in a lower dtype than its inputs
+        g = grad.reshape(n, a * b)
         if not g.is_contiguous():
             g = g.contiguous()
         gy = g.view(n * a, b)

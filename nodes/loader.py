@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import comfy.model_base
@@ -66,30 +67,54 @@ def _state_shapes(module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-# ---------------------------------------------------------------- file reading (cached like LoraLoader)
+# ---------------------------------------------------------------- file reading (cached)
 
-_cache: dict[str, tuple[tuple, object]] = {}
+# Files read by any loader/merge node, keyed by path and checked against (size, mtime) on every use: a few at
+# once, so two loaders (or a merge of several files) in one graph do not evict each other at every prompt.
+_cache: OrderedDict[str, tuple[tuple, object]] = OrderedDict()
+CACHED_FILES = 4
+
+
+def lora_path(lora_name: str | None) -> str | None:
+    """The full path of `lora_name` in the loras folder, or None when it is not there."""
+    path = folder_paths.get_full_path("loras", lora_name) if lora_name else None
+    return path if path is not None and os.path.isfile(path) else None
+
+
+def file_identity(*lora_names: str | None) -> str:
+    """(path, size, mtime) of each named file, as IS_CHANGED text: the executor re-runs a node whose file changed."""
+    out = []
+    for name in lora_names:
+        path = lora_path(name)
+        if path is not None:
+            st = os.stat(path)
+            out.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(out)
 
 
 def read_lora_file(lora_name: str):
-    """Read `lora_name` from the loras folder as a `hadakron.io.AdapterFile` (cached by path, size, mtime)."""
+    """Read `lora_name` from the loras folder as a `hadakron.io.AdapterFile` (cached by path, size, mtime; the
+    file's NaN/Inf scan is made once, when it is read)."""
     from hadakron.io import AdapterFileError, read_adapter
 
-    path = folder_paths.get_full_path("loras", lora_name) if lora_name else None
-    if path is None or not os.path.isfile(path):
+    path = lora_path(lora_name)
+    if path is None:
         raise HadakronLoadError(f"adapter file {lora_name!r} was not found in the loras folder "
                                 f"({', '.join(folder_paths.get_folder_paths('loras'))})")
     st = os.stat(path)
     stamp = (st.st_size, st.st_mtime_ns)
     hit = _cache.get(path)
     if hit is not None and hit[0] == stamp:
+        _cache.move_to_end(path)
         return hit[1]
     try:
         adapter = read_adapter(path)
     except AdapterFileError as exc:
         raise HadakronLoadError(f"cannot read {lora_name}: {exc}") from None
-    _cache.clear()
     _cache[path] = (stamp, adapter)
+    _cache.move_to_end(path)
+    while len(_cache) > CACHED_FILES:
+        _cache.popitem(last=False)
     return adapter
 
 
@@ -235,6 +260,12 @@ class HadakronLoader:
     DESCRIPTION = ("Applies a LoHa or LoKr adapter (LyCORIS family) exactly to SDXL or Anima: one lazy patch per "
                    "weight, computed in float32 when ComfyUI loads the model, with a report of what matched.")
     SEARCH_ALIASES = ["loha", "lokr", "lycoris", "hadakron", "load loha", "load lokr"]
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name=None, adapter=None, **_inputs):
+        """The file's identity (path, size, mtime): a file replaced on disk is re-read by the next prompt, while
+        an unchanged one keeps the executor's cached output (ComfyUI's own LoraLoader would keep the stale one)."""
+        return "" if adapter is not None else file_identity(lora_name)
 
     def load(self, model, clip, lora_name, strength_model, strength_clip, block_weights="", adapter=None):
         if strength_model == 0 and strength_clip == 0 and adapter is None:

@@ -21,7 +21,7 @@ from hadakron.comfy_keys import comfy_weight_key, is_clip_part
 from hadakron.merge import Patch, baked_weight, combine, natural_shape
 from hadakron.merge.module_names import adapter_name, name_modules
 
-from .loader import HadakronLoadError, model_family, read_lora_file
+from .loader import HadakronLoadError, file_identity, model_family, read_lora_file
 
 log = logging.getLogger("hadakron")
 
@@ -181,6 +181,12 @@ def _adapter_inputs(extra_tooltip: str = "") -> tuple[dict, dict]:
     return required, optional
 
 
+def adapter_files_changed(**inputs) -> str:
+    """IS_CHANGED for nodes with adapter_N file inputs: the files' identities, so a replaced file is re-read."""
+    return file_identity(*(inputs.get(f"adapter_{i}") for i in range(1, SLOTS + 1)
+                           if inputs.get(f"adapter_{i}") not in (None, NONE)))
+
+
 # ---------------------------------------------------------------- nodes
 
 class HadakronAdapterMerge:
@@ -205,6 +211,10 @@ class HadakronAdapterMerge:
                    "model and its text encoders: W + sum of strength x delta-W per weight, in float32 with one "
                    "rounding, the same numbers as the `hadakron merge` command. Save with CheckpointSave.")
     SEARCH_ALIASES = ["merge lokr", "merge loha", "bake lora", "adapter merge", "hadakron"]
+
+    @classmethod
+    def IS_CHANGED(cls, **inputs):
+        return adapter_files_changed(**inputs)
 
     def merge(self, model, adapter_1, strength_1, clip=None, **kwargs):
         try:
@@ -241,6 +251,10 @@ class HadakronAdapterCombine:
                    "sum (exact LoRA forms stacked along the rank), or its best rank-R approximation with the error "
                    "reported. Loadable by ComfyUI's LoraLoader.")
     SEARCH_ALIASES = ["combine lora", "merge loras", "lokr to lora", "loha to lora", "hadakron"]
+
+    @classmethod
+    def IS_CHANGED(cls, **inputs):
+        return adapter_files_changed(**inputs)
 
     def combine(self, adapter_1, strength_1, rank, filename_prefix, layout="kohya", dtype="fp16", **kwargs):
         try:

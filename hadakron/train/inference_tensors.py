@@ -23,6 +23,12 @@ def storage_alias(t: torch.Tensor) -> torch.Tensor:
     return alias
 
 
+def _plain_inference(t) -> bool:
+    """An inference tensor of a plain dtype/layout; tensor subclasses (e.g. ComfyUI's quantized fp8 weights) keep
+    their own storage layout and are left alone rather than aliased as something they are not."""
+    return t is not None and type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and t.is_inference()
+
+
 def _inference_entries(modules) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
     """(owner module, attribute name, is_parameter, tensor) for every inference parameter/buffer, each owner once."""
     seen: set[int] = set()
@@ -33,10 +39,10 @@ def _inference_entries(modules) -> list[tuple[nn.Module, str, bool, torch.Tensor
                 continue
             seen.add(id(owner))
             for name, p in owner._parameters.items():
-                if p is not None and p.is_inference():
+                if _plain_inference(p):
                     found.append((owner, name, True, p))
             for name, b in owner._buffers.items():
-                if b is not None and b.is_inference():
+                if _plain_inference(b):
                     found.append((owner, name, False, b))
     return found
 

@@ -8,7 +8,9 @@ nn.Conv2d)`, so subclasses such as ComfyUI's cast ops count. Selection follows s
 include only rescues), then the first matching `network_reg_dims` entry (alpha = network_alpha), then
 network_dim for Linear / 1x1 conv, conv_dim (with conv_alpha) for kxk conv; a dim of 0 skips.
 Attaching wraps each layer's forward: y = layer(x) + adapter(x), computed as one fused op (LoKr's
-`ops.lokr_linear`) for a plain Linear whose weight needs no cast; the base weights are never written.
+`ops.lokr_linear`) for a plain Linear whose weight needs no cast; the base weights are never written. On a
+ComfyUI cast op the fused op first calls what that op's forward calls every op (`comfy.ops.run_every_op`, the
+interrupt check), found through the layer's class: the library never imports comfy and needs nothing passed in.
 """
 from __future__ import annotations
 
@@ -220,14 +222,62 @@ class LoadReport:
     unexpected: list[str]
 
 
-def _standard_linear(layer: nn.Module) -> bool:
-    """True when the layer's class forward is nn.Linear's own, or ComfyUI's cast op's (`comfy.ops`, never imported),
-    which is nn.Linear's own while its cast machinery is off (`_fusable_call` checks that on every call)."""
+# ComfyUI's cast-op Linear (`comfy.ops`, read from v0.29; never imported here) runs, per call: the module-level
+# `run_every_op()` (its interrupt check: a user's Cancel raises there), then its cast path when weights must be cast
+# or patched per call, else nn.Linear's forward through `super()`. The fused path repeats exactly that work: it
+# fuses only a comfy.ops forward that names nothing beyond these, and calls the same `run_every_op` first.
+_COMFY_PER_OP_HOOK = "run_every_op"
+_COMFY_FORWARD_NAMES = frozenset({_COMFY_PER_OP_HOOK, "comfy_cast_weights", "weight_function", "bias_function",
+                                  "forward_comfy_cast_weights", "len", "super", "forward"})
+
+
+class _PerOpHook:
+    """Calls the per-op hook a comfy.ops forward calls, looked up in that forward's module globals on every call
+    (as the forward itself looks it up: a later patch of `comfy.ops.run_every_op` is honoured)."""
+
+    __slots__ = ("namespace",)
+
+    def __init__(self, namespace: Mapping[str, object]) -> None:
+        self.namespace = namespace
+
+    def __call__(self) -> None:
+        self.namespace[_COMFY_PER_OP_HOOK]()
+
+
+def _next_forward_owner(cls: type, owner: type) -> type | None:
+    """The class whose `forward` a zero-argument `super().forward` inside `owner` reaches, for an instance of cls."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(owner) + 1:]:
+        if "forward" in klass.__dict__:
+            return klass
+    return None
+
+
+def _fusion_plan(layer: nn.Module) -> tuple[bool, _PerOpHook | None]:
+    """(fusable, per-op hook): whether the layer's class forward may be replaced by the fused op, and what it
+    calls per op that the fused op must call too.
+
+    Fusable: nn.Linear's own forward (no hook), or a ComfyUI cast op's forward (defined in `comfy.ops`, naming only
+    `_COMFY_FORWARD_NAMES`, its `super().forward` reaching nn.Linear's) whose per-op `run_every_op` is then the
+    hook. Anything else (another subclass, a future comfy.ops forward doing more) runs its own forward."""
     if not isinstance(layer, nn.Linear):
-        return False
-    forward = type(layer).forward
-    return forward is nn.Linear.forward or (
-        getattr(forward, "__module__", None) == "comfy.ops" and hasattr(layer, "comfy_cast_weights"))
+        return False, None
+    cls = type(layer)
+    forward = cls.forward
+    if forward is nn.Linear.forward:
+        return True, None
+    code = getattr(forward, "__code__", None)
+    if getattr(forward, "__module__", None) != "comfy.ops" or not hasattr(layer, "comfy_cast_weights") \
+            or code is None or not set(code.co_names) <= _COMFY_FORWARD_NAMES:
+        return False, None
+    owner = next((k for k in cls.__mro__ if k.__dict__.get("forward") is forward), None)
+    if owner is None or _next_forward_owner(cls, owner) is not nn.Linear:
+        return False, None  # e.g. comfy.ops.cublas_ops.Linear: super() reaches another Linear's forward
+    if _COMFY_PER_OP_HOOK not in code.co_names:
+        return True, None
+    if not callable(forward.__globals__.get(_COMFY_PER_OP_HOOK)):
+        return False, None
+    return True, _PerOpHook(forward.__globals__)
 
 
 def _fusable_call(layer: nn.Module, x: Tensor) -> bool:
@@ -244,11 +294,17 @@ def _fusable_call(layer: nn.Module, x: Tensor) -> bool:
 
 class _BypassForward:
     """The wrapped forward: the layer's own forward plus the adapter's additive term, fused into one op
-    (`adapter.fused_linear`, e.g. LoKr's `ops.lokr_linear`) for a plain Linear whose weight needs no cast."""
+    (`adapter.fused_linear`, e.g. LoKr's `ops.lokr_linear`) for a plain Linear whose weight needs no cast.
+
+    The fused op does per call what the layer's own forward would have done: for a ComfyUI cast op that is its
+    module's `run_every_op()` (the interrupt check that makes Cancel stop mid-step), called first, once per call.
+    The library finds it on the layer's class (`_fusion_plan`); the ComfyUI layer passes nothing.
+    """
 
     def __init__(self, layer: nn.Module, adapter: AdapterModule, original) -> None:
         self.layer, self.adapter, self.original = layer, adapter, original
-        self.fusable = original is None and _standard_linear(layer)
+        fusable, self.per_op_hook = _fusion_plan(layer) if original is None else (False, None)
+        self.fusable = fusable
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.fusable and not args and not kwargs:
@@ -266,6 +322,8 @@ class _BypassForward:
         factors to the autocast dtype, as autocast does for F.linear."""
         if not self.adapter.fuses_linear() or not _fusable_call(self.layer, x):
             return None
+        if self.per_op_hook is not None:
+            self.per_op_hook()
         return self.adapter.fused_linear(x, self.layer.weight, self.layer.bias)
 
 

@@ -37,3 +37,47 @@ def build_network(family: str, parts: dict, **config):
     """`AdapterNetwork.build(family, parts, NetworkConfig(**config))`."""
     from hadakron.network import AdapterNetwork, NetworkConfig
     return AdapterNetwork.build(family, parts, NetworkConfig(**config))
+
+
+def ref_dora(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor, strength: float) -> torch.Tensor:
+    """Row-wise DoRA in float64: W + s * (W_d - W), W_d = (W + dW) * m / (||W + dW||_row + eps(float32))."""
+    w = weight.double()
+    merged = w + delta.double()
+    norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
+    wd = merged * dora_scale.double().reshape(norm.shape) / (norm + torch.finfo(torch.float32).eps)
+    return w + strength * (wd - w)
+
+
+def read_adapter_in_inference_mode(path):
+    """`hadakron.io.read_adapter` inside `torch.inference_mode()`, as ComfyUI runs the loader: inference tensors."""
+    from hadakron.io import read_adapter
+    with torch.inference_mode():
+        return read_adapter(path)
+
+
+def copy_watch(storages: set[int]):
+    """A TorchDispatchMode recording every op that copies out of one of `storages` (untyped storage data_ptrs):
+    clone, _to_copy, a `to`/`contiguous` that returns new memory, or copy_ from it. `.copies` lists them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = torch.ops.aten
+    copy_like = {ops.clone, ops._to_copy, ops.to, ops.contiguous, ops.detach_copy, ops.alias_copy, ops.lift_fresh_copy}
+
+    def reads(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in storages
+
+    class CopyWatch(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.copies: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            packet = func.overloadpacket
+            if packet is ops.copy_ and len(args) > 1 and reads(args[1]):
+                self.copies.append(f"{func}{tuple(args[1].shape)}")
+            elif packet in copy_like and args and reads(args[0]) and not reads(out):
+                self.copies.append(f"{func}{tuple(args[0].shape)}")
+            return out
+
+    return CopyWatch()

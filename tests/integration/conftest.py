@@ -276,6 +276,11 @@ def comfy_server(comfy_env, tmp_path_factory):
     """Start ComfyUI's main.py (--cpu) with this repo as custom_nodes/hadakron; yield its base URL."""
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
+    # --base-directory puts models/<folder>, input/, output/, temp/ and user/ under base (folder_paths.py)
+    for folder in ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae"):
+        (base / "models" / folder).mkdir(parents=True)
+    for folder in ("input", "output", "temp", "user"):
+        (base / folder).mkdir()
     (base / "custom_nodes" / "hadakron").symlink_to(REPO_ROOT, target_is_directory=True)
     port = _free_port()
     log_path = base / "server.log"
@@ -309,3 +314,58 @@ def comfy_server(comfy_env, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- client and test model files on that server
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_server):
+    """ComfyClient of the session's server (websocket open); see comfy_client.py."""
+    from comfy_client import ComfyClient
+    client = ComfyClient(comfy_server["url"], comfy_server["base"], comfy_server["log"])
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def sdxl_files(comfy_env, comfy):
+    """model_files.SDXLFiles: the small SDXL checkpoint linked into models/checkpoints (built once, cached)."""
+    import model_files as mf
+    path = mf.sdxl_checkpoint_path(comfy_env)
+    name = mf.link_into(path, comfy.models_dir("checkpoints"))
+    return mf.SDXLFiles(checkpoint=name, path=path, weights=mf.SafetensorsWeights(path))
+
+
+@pytest.fixture(scope="session")
+def anima_files(comfy_env, comfy):
+    """model_files.AnimaFiles: the small Anima DiT, Qwen3 TE and Wan VAE linked into the server's folders."""
+    import model_files as mf
+    unet, te, vae = mf.anima_paths(comfy_env)
+    return mf.AnimaFiles(unet=mf.link_into(unet, comfy.models_dir("diffusion_models")),
+                         text_encoder=mf.link_into(te, comfy.models_dir("text_encoders")),
+                         vae=mf.link_into(vae, comfy.models_dir("vae")),
+                         unet_weights=mf.SafetensorsWeights(unet), te_weights=mf.SafetensorsWeights(te),
+                         vae_weights=mf.SafetensorsWeights(vae))
+
+
+@pytest.fixture(scope="session")
+def input_image(comfy):
+    """Name (for LoadImage) of a deterministic 64x64 RGB PNG in the server's input/ folder."""
+    import model_files as mf
+    return mf.link_into(mf.input_image_path(), comfy.input_dir)
+
+
+@pytest.fixture
+def server_lora(comfy):
+    """server_lora(name, tensors, metadata=None) -> lora_name: write a .safetensors into the server's models/loras
+    (atomically: temp file + rename, so a replaced file gets a new mtime and inode)."""
+    from safetensors.torch import save_file
+
+    def write(name: str, tensors: dict, metadata: dict | None = None) -> str:
+        folder = comfy.models_dir("loras")
+        tmp = folder / f".{name}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {})
+        os.replace(tmp, folder / name)
+        return name
+    return write

@@ -1,10 +1,12 @@
 """Per-block strengths for the loader: parse the `block_weights` text and give each module its multiplier.
 
-The vocabulary follows the LoRA Block Weight (LBW) convention so that numbers people already use carry over.
+One vocabulary: a module's block id is `hadakron.arch`'s `block_of` label, the label the load report shows, and
+every such label is a name this syntax takes (case-insensitive). SDXL follows the LoRA Block Weight (LBW)
+convention so that numbers people already use carry over; Anima uses the model's own module names.
 
-SDXL block ids (the UNet's LDM names; `BASE` is every text-encoder module):
+SDXL block ids (the UNet's LDM names; `TE1`/`TE2` are the two text encoders, `BASE` both of them, as in LBW):
 
-    BASE   te1 + te2 (both CLIPs)
+    TE1, TE2   CLIP-L, CLIP-G                BASE (also TE, CLIP)  both text encoders
     IN00   input_blocks.0  (conv_in)          IN01, IN02  input_blocks.1-2  (ResBlocks, 320 ch)
     IN03   input_blocks.3  (downsample)       IN04, IN05  input_blocks.4-5  (Res + attention, 640 ch)
     IN06   input_blocks.6  (downsample)       IN07, IN08  input_blocks.7-8  (Res + attention, 1280 ch)
@@ -17,16 +19,19 @@ The 12-value form lists the blocks that hold attention, which is all a LoRA/LoHa
     BASE, IN04, IN05, IN07, IN08, M00, OUT00, OUT01, OUT02, OUT03, OUT04, OUT05
 The 20-value form (for adapters with conv layers) lists every block:
     BASE, IN00..IN08, M00, OUT00..OUT08
+(the BASE value goes to both text encoders).
 
-Anima block ids: `te` (the Qwen3 text encoder), `blocks.0` .. `blocks.N` (the DiT blocks), `llm_adapter`,
-and `OTHER` (embedders, final layer). The vector form is `te, blocks.0, ..., blocks.N-1, llm_adapter`.
+Anima block ids: `te` (the Qwen3 text encoder), `blocks.0` .. `blocks.N-1` (the DiT blocks; N is the model's
+depth: 28, 40, 52, ...), `llm_adapter`, and `OTHER` (embedders, final layer). The vector form is
+`te, blocks.0, ..., blocks.N-1, llm_adapter`. Also read: `BLOCK07` / `block7` for `blocks.7` (earlier reports'
+spelling), `base` / `clip` for `te`.
 
 Text forms accepted by :func:`parse_block_weights` (case-insensitive ids):
     ""                      every block 1
     "ALL" / "NONE" / ...    a preset (see PRESETS_SDXL / PRESETS_ANIMA); "NONE" also zeroes OTHER
     "1,0,0,0.5,..."         a vector in one of the forms above
-    "IN04=0.5, OUT=0"       named entries; a group name (IN, OUT, M, MID, TE, BASE, ALL) sets all its blocks,
-                            ranges as "IN04-IN08" or "blocks.0-9"; later entries override earlier ones
+    "IN04=0.5, OUT=0"       named entries; a group name (IN, OUT, M, MID, TE, BASE, ALL; Anima: blocks, ALL) sets
+                            all its blocks, ranges as "IN04-IN08" or "blocks.0-9"; later entries override earlier ones
     "MIDD, OUT05=0"         a preset followed by named overrides
 Blocks not addressed keep 1 (as in LBW, where layers outside the vector keep the node's strength).
 """
@@ -37,15 +42,16 @@ import re
 from dataclasses import dataclass, field
 
 from hadakron.arch import ANIMA, SDXL
+from hadakron.arch.anima import NUM_BLOCKS as ANIMA_DEFAULT_BLOCKS
 
+SDXL_TE = ("TE1", "TE2")  # what LBW's BASE stands for
 SDXL_IN = tuple(f"IN{i:02d}" for i in range(9))
 SDXL_OUT = tuple(f"OUT{i:02d}" for i in range(9))
+# The LBW vector forms, in order; their BASE slot sets both text encoders.
 SDXL_BLOCKS_20 = ("BASE",) + SDXL_IN + ("M00",) + SDXL_OUT
 SDXL_BLOCKS_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00",
                   "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
-SDXL_ALL_IDS = SDXL_BLOCKS_20 + ("OTHER",)
-
-ANIMA_DEFAULT_BLOCKS = 28
+SDXL_ALL_IDS = SDXL_TE + SDXL_IN + ("M00",) + SDXL_OUT + ("OTHER",)
 
 # Presets as sets of block ids that stay on (1); every other listed block gets 0.
 # They carry the meaning of the LBW SD1.x presets over to SDXL's levels: "shallow" = the 320/640-channel
@@ -74,7 +80,8 @@ class BlockWeightsError(ValueError):
 
 @dataclass(frozen=True)
 class BlockWeights:
-    """Parsed per-block multipliers for one family; `strength(block_id)` is 1.0 for blocks never named."""
+    """Parsed per-block multipliers for one family, keyed by block id (`block_of` labels); `strength(block_id)` is
+    1.0 for blocks never named."""
 
     family: str
     values: dict[str, float] = field(default_factory=dict)
@@ -92,23 +99,18 @@ class BlockWeights:
 # ---------------------------------------------------------------- module -> block id
 
 def sdxl_block_id(part: str, dotted: str) -> str:
-    """LBW block id of an SDXL module given its part (unet/te1/te2) and LDM dotted name: the UNet block from
-    `hadakron.arch` (IN04, M00, OUT05, OTHER), `BASE` for both text encoders."""
-    return SDXL.block_of(part, dotted) if part == "unet" else "BASE"
-
-
-_ANIMA_IDS = {"LLM_ADAPTER": "llm_adapter", "OTHER": "OTHER", "TE": "te"}
+    """Block id of an SDXL module given its part (unet/te1/te2) and LDM dotted name: `hadakron.arch`'s label
+    (IN04, M00, OUT05, OTHER; TE1 / TE2 for the text encoders, which LBW's BASE sets together)."""
+    return SDXL.block_of(part, dotted)
 
 
 def anima_block_id(part: str, dotted: str) -> str:
-    """Block id of an Anima module: `te`, `blocks.N`, `llm_adapter` or `OTHER` (`hadakron.arch`'s
-    `BLOCK07` / `LLM_ADAPTER` / `OTHER` / `TE` in the block-weights spelling)."""
-    label = ANIMA.block_of(part, dotted)
-    return _ANIMA_IDS.get(label) or f"blocks.{int(label[len('BLOCK'):])}"
+    """Block id of an Anima module: `hadakron.arch`'s label, `te`, `blocks.N`, `llm_adapter` or `OTHER`."""
+    return ANIMA.block_of(part, dotted)
 
 
 def block_id(family: str, part: str, dotted: str) -> str:
-    """Block id used by block weights for a module of `family` ("sdxl" or "anima")."""
+    """Block id used by block weights for a module of `family` ("sdxl" or "anima"): the load report's label."""
     if family == "sdxl":
         return sdxl_block_id(part, dotted)
     if family == "anima":
@@ -134,12 +136,18 @@ def _split_entries(text: str) -> list[str]:
     return [t.strip() for t in re.split(r"[,\n;]", text) if t.strip()]
 
 
+def _sdxl_expand(names) -> tuple[str, ...]:
+    """Block ids of LBW vector / preset names: BASE becomes both text encoders."""
+    return tuple(b for n in names for b in (SDXL_TE if n == "BASE" else (n,)))
+
+
 def _sdxl_ids_for_name(name: str) -> tuple[str, ...]:
     """Expand one SDXL name (id, group or range) to block ids."""
     n = name.upper().replace(" ", "")
     groups = {
         "ALL": SDXL_ALL_IDS, "IN": SDXL_IN, "OUT": SDXL_OUT, "M": ("M00",), "MID": ("M00",), "M00": ("M00",),
-        "MIDDLE": ("M00",), "BASE": ("BASE",), "TE": ("BASE",), "CLIP": ("BASE",), "OTHER": ("OTHER",),
+        "MIDDLE": ("M00",), "BASE": SDXL_TE, "TE": SDXL_TE, "CLIP": SDXL_TE, "TE1": ("TE1",), "TE2": ("TE2",),
+        "OTHER": ("OTHER",),
     }
     if n in groups:
         return groups[n]
@@ -154,12 +162,12 @@ def _sdxl_ids_for_name(name: str) -> tuple[str, ...]:
                 f"block weights: {name!r} is out of range: SDXL has {kind}00..{kind}08")
         return tuple(f"{kind}{i:02d}" for i in range(lo, hi + 1))
     raise BlockWeightsError(
-        f"block weights: unknown SDXL block {name!r}; expected BASE, IN00..IN08, M00, OUT00..OUT08, OTHER, "
-        f"or a group IN/OUT/MID/TE/ALL")
+        f"block weights: unknown SDXL block {name!r}; expected BASE, TE1, TE2, IN00..IN08, M00, OUT00..OUT08, "
+        f"OTHER, or a group IN/OUT/MID/TE/ALL")
 
 
 def _anima_ids_for_name(name: str, num_blocks: int) -> tuple[str, ...]:
-    """Expand one Anima name (`blocks.3`, `blocks.0-9`, `llm_adapter`, `te`, `ALL`, `OTHER`) to block ids."""
+    """Expand one Anima name (`blocks.3`, `blocks.0-9`, `llm_adapter`, `te`, `ALL`, `OTHER`; `BLOCK03`) to ids."""
     n = name.lower().replace(" ", "")
     all_blocks = tuple(f"blocks.{i}" for i in range(num_blocks))
     if n == "all":
@@ -172,7 +180,7 @@ def _anima_ids_for_name(name: str, num_blocks: int) -> tuple[str, ...]:
         return ("OTHER",)
     if n == "blocks":
         return all_blocks
-    m = re.match(r"^blocks\.(\d+)(?:-(?:blocks\.)?(\d+))?$", n)
+    m = re.match(r"^blocks?\.?(\d+)(?:-(?:blocks?\.?)?(\d+))?$", n)
     if m:
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
@@ -191,8 +199,8 @@ def _preset(family: str, name: str, num_blocks: int) -> dict[str, float] | None:
             return {b: 0.5 for b in SDXL_ALL_IDS}
         if upper not in PRESETS_SDXL:
             return None
-        on = set(PRESETS_SDXL[upper])
-        values = {b: (1.0 if b in on else 0.0) for b in SDXL_BLOCKS_20}
+        on = set(_sdxl_expand(PRESETS_SDXL[upper]))
+        values = {b: (1.0 if b in on else 0.0) for b in _sdxl_expand(SDXL_BLOCKS_20)}
         if upper == "NONE":
             values["OTHER"] = 0.0
         return values
@@ -205,10 +213,9 @@ def _preset(family: str, name: str, num_blocks: int) -> dict[str, float] | None:
 
 def _vector(family: str, numbers: list[float], num_blocks: int) -> dict[str, float]:
     if family == "sdxl":
-        if len(numbers) == 12:
-            return dict(zip(SDXL_BLOCKS_12, numbers))
-        if len(numbers) == 20:
-            return dict(zip(SDXL_BLOCKS_20, numbers))
+        if len(numbers) in (12, 20):
+            names = SDXL_BLOCKS_12 if len(numbers) == 12 else SDXL_BLOCKS_20
+            return {b: v for name, v in zip(names, numbers) for b in _sdxl_expand((name,))}
         raise BlockWeightsError(
             f"block weights: SDXL takes 12 values ({', '.join(SDXL_BLOCKS_12)}) or 20 values "
             f"(BASE, IN00..IN08, M00, OUT00..OUT08); found {len(numbers)}")
@@ -221,7 +228,8 @@ def _vector(family: str, numbers: list[float], num_blocks: int) -> dict[str, flo
 
 
 def parse_block_weights(text: str | None, family: str, *, num_blocks: int = ANIMA_DEFAULT_BLOCKS) -> BlockWeights:
-    """Parse `block_weights` text for `family` ("sdxl"/"anima"); `num_blocks` is the Anima DiT depth."""
+    """Parse `block_weights` text for `family` ("sdxl"/"anima"); `num_blocks` is the Anima DiT depth: pass the
+    model's own (`len(diffusion_model.blocks)`: 40 and 52 exist); the default is `hadakron.arch.anima.NUM_BLOCKS`."""
     if family not in ("sdxl", "anima"):
         raise BlockWeightsError(f"block weights: unknown model family {family!r} (expected 'sdxl' or 'anima')")
     raw = (text or "").strip()

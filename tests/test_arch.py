@@ -156,10 +156,11 @@ def test_block_labels():
     assert b("te1", "text_model.encoder.layers.0.mlp.fc1") == "TE1"
     assert b("te2", "text_model.encoder.layers.0.mlp.fc1") == "TE2"
     a = ANIMA.block_of
-    assert a("unet", "blocks.7.mlp.layer1") == "BLOCK07"
-    assert a("unet", "llm_adapter.blocks.2.mlp.0") == "LLM_ADAPTER"
+    assert a("unet", "blocks.7.mlp.layer1") == "blocks.7"
+    assert a("unet", "blocks.51.mlp.layer1") == "blocks.51"  # deeper checkpoints: any depth
+    assert a("unet", "llm_adapter.blocks.2.mlp.0") == "llm_adapter"
     assert a("unet", "x_embedder.proj.1") == "OTHER"
-    assert a("te", "layers.3.mlp.up_proj") == "TE"
+    assert a("te", "layers.3.mlp.up_proj") == "te"
     labels = {b("unet", d) for d in SDXL.default_targets("unet", conv=True)}
     assert labels == {"IN01", "IN02", "IN03", "IN04", "IN05", "IN06", "IN07", "IN08", "M00"} | {
         f"OUT{i:02d}" for i in range(9)}

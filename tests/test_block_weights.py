@@ -9,7 +9,7 @@ from hadakron.block_weights import (
 def test_empty_text_is_identity():
     bw = parse_block_weights("", "sdxl")
     assert bw.is_identity()
-    assert bw.strength("IN04") == 1.0 and bw.strength("BASE") == 1.0 and bw.strength("OTHER") == 1.0
+    assert bw.strength("IN04") == 1.0 and bw.strength("TE1") == 1.0 and bw.strength("OTHER") == 1.0
     assert parse_block_weights(None, "anima").strength("blocks.3") == 1.0
 
 
@@ -19,8 +19,8 @@ def test_sdxl_module_block_ids():
     assert sdxl_block_id("unet", "middle_block.1.proj_in") == "M00"
     assert sdxl_block_id("unet", "output_blocks.8.0.skip_connection") == "OUT08"
     assert sdxl_block_id("unet", "time_embed.0") == "OTHER"
-    assert sdxl_block_id("te1", "text_model.encoder.layers.0.mlp.fc1") == "BASE"
-    assert sdxl_block_id("te2", "text_model.encoder.layers.3.self_attn.q_proj") == "BASE"
+    assert sdxl_block_id("te1", "text_model.encoder.layers.0.mlp.fc1") == "TE1"
+    assert sdxl_block_id("te2", "text_model.encoder.layers.3.self_attn.q_proj") == "TE2"
 
 
 def test_anima_module_block_ids():
@@ -34,9 +34,10 @@ def test_anima_module_block_ids():
 def test_sdxl_12_value_vector_maps_attention_blocks():
     vals = [0.1 * i for i in range(12)]
     bw = parse_block_weights(",".join(f"{v:.1f}" for v in vals), "sdxl")
-    order = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"]
+    order = ["TE1", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"]
     for name, v in zip(order, vals):
         assert bw.strength(name) == pytest.approx(v)
+    assert bw.strength("TE2") == bw.strength("TE1")  # the BASE slot sets both text encoders
     # blocks outside the 12-value form keep 1
     assert bw.strength("IN01") == 1.0 and bw.strength("OUT07") == 1.0 and bw.strength("OTHER") == 1.0
 
@@ -44,7 +45,7 @@ def test_sdxl_12_value_vector_maps_attention_blocks():
 def test_sdxl_20_value_vector_and_label():
     vals = list(range(20))
     bw = parse_block_weights("XL:" + ",".join(str(v) for v in vals), "sdxl")
-    assert bw.strength("BASE") == 0
+    assert bw.strength("TE1") == 0 and bw.strength("TE2") == 0
     assert bw.strength("IN00") == 1 and bw.strength("IN08") == 9
     assert bw.strength("M00") == 10
     assert bw.strength("OUT00") == 11 and bw.strength("OUT08") == 19
@@ -52,12 +53,12 @@ def test_sdxl_20_value_vector_and_label():
 
 def test_sdxl_presets():
     outall = parse_block_weights("OUTALL", "sdxl")
-    assert outall.strength("BASE") == 1 and outall.strength("IN04") == 0 and outall.strength("M00") == 0
+    assert outall.strength("TE1") == 1 and outall.strength("TE2") == 1 and outall.strength("IN04") == 0 and outall.strength("M00") == 0
     assert all(outall.strength(f"OUT{i:02d}") == 1 for i in range(9))
     midd = parse_block_weights("midd", "sdxl")
     assert [midd.strength(b) for b in ("IN05", "IN07", "M00", "OUT02", "OUT03")] == [0, 1, 1, 1, 0]
     none = parse_block_weights("NONE", "sdxl")
-    assert none.strength("BASE") == 0 and none.strength("OTHER") == 0 and none.strength("OUT05") == 0
+    assert none.strength("TE1") == 0 and none.strength("TE2") == 0 and none.strength("OTHER") == 0 and none.strength("OUT05") == 0
     assert parse_block_weights("ALL", "sdxl").is_identity()
     assert parse_block_weights("ALL0.5", "sdxl").strength("IN07") == 0.5
     inall = parse_block_weights("INALL", "sdxl")
@@ -69,7 +70,7 @@ def test_named_entries_groups_ranges_and_override():
     assert bw.strength("IN04") == 0.5
     assert bw.strength("OUT00") == 0 and bw.strength("OUT08") == 0
     assert bw.strength("OUT03") == 2
-    assert bw.strength("BASE") == 0.25
+    assert bw.strength("TE1") == 0.25 and bw.strength("TE2") == 0.25
     assert bw.strength("IN05") == 1.0
     rng = parse_block_weights("IN04-IN07=0", "sdxl")
     assert [rng.strength(f"IN{i:02d}") for i in range(3, 9)] == [1, 0, 0, 0, 0, 1]

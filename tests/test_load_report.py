@@ -113,7 +113,7 @@ def test_anima_report():
     modules = {"lora_unet_blocks_3_self_attn_q_proj": _lokr((4, 4), (4, 4)),
                "lora_te_layers_0_mlp_up_proj": _loha(8, 4)}
     rep = build_load_report(modules, {}, "anima", model)
-    assert rep.counts_by_block() == {"unet": {"BLOCK03": 1}, "te": {"TE": 1}}
+    assert rep.counts_by_block() == {"unet": {"blocks.3": 1}, "te": {"te": 1}}
 
 
 def test_training_metadata_is_decoded():

@@ -10,12 +10,13 @@ Targets as sd-scripts: classes Block, PatchEmbed, TimestepEmbedding, FinalLayer 
 `train_llm_adapter` the LLMAdapterTransformerBlock Linears add 6 x 10 = 60; Qwen3 attention and MLP
 give 28 x 7 = 196. `include_patterns` can rescue excluded layers (adaLN, embedders, final layer).
 
-Block labels: `blocks.N...` -> `BLOCK{N:02d}`, `llm_adapter...` -> `LLM_ADAPTER`, other DiT layers ->
-`OTHER`, text encoder -> `TE`.
+Block labels are the model's own module names, the spelling the loader's `block_weights` takes:
+`blocks.N...` -> `blocks.N` (any depth: 28, 40, 52 blocks), `llm_adapter...` -> `llm_adapter`, other DiT layers
+-> `OTHER`, text encoder -> `te` (the part name).
 """
 from __future__ import annotations
 
-from hadakron.arch.family import Family, Layer, block_index_label
+from hadakron.arch.family import Family, Layer
 
 MODEL_CHANNELS = 2048
 NUM_BLOCKS = 28
@@ -83,12 +84,14 @@ def _qwen3_layers() -> list[Layer]:
 
 
 def block_of(part: str, dotted: str) -> str:
-    """`BLOCK{N:02d}` / `LLM_ADAPTER` / `OTHER` for DiT layers, `TE` for the text encoder."""
+    """`blocks.N` / `llm_adapter` / `OTHER` for DiT layers (the module names, any N), `te` for the text encoder."""
     if part != "unet":
-        return part.upper()
+        return part
     if dotted.startswith("llm_adapter."):
-        return "LLM_ADAPTER"
-    return block_index_label(dotted, "blocks.", "BLOCK") or "OTHER"
+        return "llm_adapter"
+    head, _, rest = dotted.partition(".")
+    index = rest.split(".", 1)[0]
+    return f"blocks.{int(index)}" if head == "blocks" and index.isdigit() else "OTHER"
 
 
 ANIMA = Family(

@@ -2,7 +2,9 @@
 import test from "node:test";
 import assert from "node:assert/strict";
 
-import { formatReport, matchedByPart, naturalCompare, reportText, truncate, unmatchedEntries } from "../../web/lib/report_format.js";
+import {
+  blockCompare, formatReport, matchedByPart, naturalCompare, reportText, truncate, unmatchedEntries,
+} from "../../web/lib/report_format.js";
 
 // Shape of hadakron/load_report.py LoadReport.to_dict() (produced by the real function for a small case).
 const REPORT = {
@@ -88,6 +90,22 @@ test("formatReport: headline, summary, per part/block counts in natural order", 
   ]);
   assert.deepEqual(f.matched, ["unet: 12", "  IN04: 2", "  IN07: 3", "  IN10: 1", "  M00: 1", "  OUT02: 5", "te1: 1"]);
   assert.equal(f.matchedTotal, 13);
+});
+
+test("blockCompare: natural order with case ignored, OTHER last (SDXL and Anima labels)", () => {
+  const sdxl = ["OTHER", "OUT05", "IN10", "M00", "IN04", "OUT00"];
+  assert.deepEqual(sdxl.slice().sort(blockCompare), ["IN04", "IN10", "M00", "OUT00", "OUT05", "OTHER"]);
+  const anima = ["OTHER", "llm_adapter", "blocks.10", "blocks.2", "blocks.39"];
+  assert.deepEqual(anima.slice().sort(blockCompare), ["blocks.2", "blocks.10", "blocks.39", "llm_adapter", "OTHER"]);
+  assert.equal(blockCompare("blocks.3", "blocks.3"), 0);
+});
+
+test("formatReport: Anima blocks listed as the report labels them, in block order", () => {
+  const f = formatReport({
+    family: "anima",
+    by_block: { unet: { OTHER: 1, llm_adapter: 6, "blocks.10": 10, "blocks.2": 10 }, te: { te: 7 } },
+  });
+  assert.deepEqual(f.matched, ["unet: 27", "  blocks.2: 10", "  blocks.10: 10", "  llm_adapter: 6", "  OTHER: 1", "te: 7"]);
 });
 
 test("formatReport: unmatched lines with reasons and kinds, metadata known keys first", () => {

@@ -57,6 +57,20 @@ export function naturalCompare(a, b) {
   return ta.length - tb.length;
 }
 
+/**
+ * Orders the report's block labels (hadakron.arch block_of, the names block_weights takes): natural order, case
+ * ignored, the catch-all OTHER last. SDXL: IN00 < IN10 < M00 < OUT00 < OTHER; Anima: blocks.2 < blocks.10 <
+ * llm_adapter < OTHER.
+ * @param {string} a
+ * @param {string} b
+ */
+export function blockCompare(a, b) {
+  const otherA = String(a).toUpperCase() === "OTHER";
+  const otherB = String(b).toUpperCase() === "OTHER";
+  if (otherA !== otherB) return otherA ? 1 : -1;
+  return naturalCompare(String(a).toLowerCase(), String(b).toLowerCase()) || naturalCompare(a, b);
+}
+
 /** Shortens text to at most max characters with an ellipsis. */
 export function truncate(text, max = 120) {
   const s = String(text);
@@ -160,12 +174,12 @@ export function formatReport(report, opts = {}) {
   const matched = [];
   let matchedTotal = 0;
   for (const part of parts.keys()) {
-    // parts in the report's order (unet first), blocks in natural order (IN01 < IN10 < M00 < OUT00)
+    // parts in the report's order (unet first), blocks by blockCompare (IN01 < IN10 < M00 < OUT00 < OTHER)
     const blocks = parts.get(part);
     const sum = [...blocks.values()].reduce((a, b) => a + b, 0);
     matchedTotal += sum;
     matched.push(`${part}: ${sum}`);
-    const named = [...blocks.keys()].filter((b) => b !== "").sort(naturalCompare);
+    const named = [...blocks.keys()].filter((b) => b !== "").sort(blockCompare);
     if (named.length === 1 && blocks.size === 1) continue; // one block: its line would repeat the part's
     for (const b of named) matched.push(`  ${b}: ${blocks.get(b)}`);
   }

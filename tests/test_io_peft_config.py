@@ -8,6 +8,7 @@ LoRA B @ A * lora_alpha / r (/ sqrt(r) with use_rslora); r and alpha per module 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 from hadakron import ops
 from hadakron.io import AdapterFile, AdapterFileError, read_adapter
 from hadakron.io.module_checks import group_modules, module_problems
-from hadakron.io.peft_config import apply_peft_config, find_peft_config, peft_module_name
+from hadakron.io.peft_config import apply_peft_config, find_peft_config, peft_config_path, peft_module_name
 from hadakron.merge import convert_layout
 
 from helpers import one_thread  # noqa: F401  (autouse fixture)
@@ -26,9 +27,12 @@ from helpers import one_thread  # noqa: F401  (autouse fixture)
 P = "base_model.model."
 
 
-def rand(*shape, seed=[0]):  # noqa: B006  (a counter: every call draws new values)
-    seed[0] += 1
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0]), dtype=torch.float64).float()
+_SEEDS = itertools.count(1)
+
+
+def rand(*shape) -> torch.Tensor:
+    """float32 normal values, a new seed per call (reproducible in file order)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(next(_SEEDS)), dtype=torch.float64).float()
 
 
 def write_peft(tmp_path, tensors: dict[str, torch.Tensor], config: dict | None, name="adapter_model.safetensors",
@@ -172,7 +176,8 @@ def test_a_full_w2_that_peft_would_not_have_made_is_flagged(tmp_path):
 def test_peft_lora_scale_from_config_embedded_in_metadata(tmp_path, rslora):
     a, b = rand(3, 10), rand(12, 3)
     config = {"peft_type": "LORA", "r": 3, "lora_alpha": 5, "use_rslora": rslora, "rank_pattern": {}}
-    path = write_peft(tmp_path, {f"{P}blocks.0.mlp.layer1.lora_A.weight": a, f"{P}blocks.0.mlp.layer1.lora_B.weight": b},
+    tensors = {f"{P}blocks.0.mlp.layer1.lora_A.weight": a, f"{P}blocks.0.mlp.layer1.lora_B.weight": b}
+    path = write_peft(tmp_path, tensors,
                       None, name="pytorch_lora_weights.safetensors",
                       metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
     _, _, modules, problems = read_with_config(path)
@@ -184,8 +189,8 @@ def test_peft_lora_scale_from_config_embedded_in_metadata(tmp_path, rslora):
 
 # ----------------------------------------------------------------------------------------------- what is left alone
 def test_no_config_or_no_peft_layout_changes_nothing(tmp_path):
-    kohya = {"lora_unet_blocks_0_mlp_layer1.hada_w1_a": rand(6, 2), "lora_unet_blocks_0_mlp_layer1.hada_w1_b": rand(2, 5),
-             "lora_unet_blocks_0_mlp_layer1.hada_w2_a": rand(6, 2), "lora_unet_blocks_0_mlp_layer1.hada_w2_b": rand(2, 5)}
+    shapes = {"hada_w1_a": (6, 2), "hada_w1_b": (2, 5), "hada_w2_a": (6, 2), "hada_w2_b": (2, 5)}
+    kohya = {f"lora_unet_blocks_0_mlp_layer1.{k}": rand(*v) for k, v in shapes.items()}
     path = write_peft(tmp_path, kohya, LOHA_CONFIG, name="kohya.safetensors")  # a stray config beside a kohya file
     af, tensors, modules, problems = read_with_config(path)
     assert tensors.keys() == af.tensors.keys() and modules.keys() == af.modules.keys() and problems == af.problems
@@ -194,6 +199,8 @@ def test_no_config_or_no_peft_layout_changes_nothing(tmp_path):
     path, _ = loha_file(alone, config=None)
     af, tensors, modules, problems = read_with_config(path)
     assert find_peft_config(path) is None and tensors.keys() == af.tensors.keys() and problems == af.problems
+    assert peft_config_path(path) is None
+    assert peft_config_path(tmp_path / "x.safetensors") == tmp_path / "adapter_config.json"
 
 
 def test_a_modules_own_alpha_wins(tmp_path):
@@ -227,7 +234,8 @@ def test_peft_module_names():
     assert peft_module_name("base_model.model.blocks.0.mlp.layer1") == "blocks.0.mlp.layer1"
     assert peft_module_name("text_encoder.base_model.model.layers.0.mlp.up_proj") == "layers.0.mlp.up_proj"
     assert peft_module_name("lora_unet_blocks_0_mlp_layer1") is None
-    assert peft_module_name("unet.down_blocks.1.attentions.0.proj_in", embedded=True) == "down_blocks.1.attentions.0.proj_in"
+    name = "down_blocks.1.attentions.0.proj_in"
+    assert peft_module_name("unet." + name, embedded=True) == name and peft_module_name("unet." + name) is None
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -239,7 +247,8 @@ def test_peft_module_names():
      "rank_pattern['blocks.1.mlp.layer1']", "found 3"),
     ({"peft_type": "LOHA", "r": 0}, "'r'", "a positive integer rank"),
     ({"peft_type": "LOHA", "r": 4, "alpha": "six"}, "'alpha'", "a finite number"),
-    ({"peft_type": "LOHA", "r": 4, "alpha_pattern": {"blocks.(": 1}}, "alpha_pattern['blocks.(']", "regular expression"),
+    ({"peft_type": "LOHA", "r": 4, "alpha_pattern": {"blocks.(": 1}}, "alpha_pattern['blocks.(']",
+     "regular expression"),
     ({"peft_type": "LOHA", "r": 4, "rank_pattern": [4]}, "'rank_pattern'", "an object"),
     (["not", "an", "object"], None, "not a PEFT adapter config"),
 ])

@@ -89,6 +89,13 @@ def _pattern_key(patterns: Mapping[str, object], name: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ reading the config
+def peft_config_path(path: str | Path) -> Path | None:
+    """`adapter_config.json` beside the adapter file when there is one (a loader's cache key should include its
+    size and mtime: editing it changes the scale)."""
+    config_path = Path(path).parent / CONFIG_NAME
+    return config_path if config_path.is_file() else None
+
+
 def find_peft_config(path: str | Path | None, metadata: Mapping[str, str] | None = None) -> PeftConfig | None:
     """The PEFT config of the adapter file at `path`: embedded in its metadata (`lora_adapter_metadata`), else
     `adapter_config.json` in the same folder; None when there is neither. Invalid configs raise `AdapterFileError`."""
@@ -105,8 +112,8 @@ def find_peft_config(path: str | Path | None, metadata: Mapping[str, str] | None
                                    expected="a JSON object", found=str(exc)) from None
         if isinstance(data, dict) and "peft_type" in data:
             return parse_peft_config(data, source, in_file=True)
-    config_path = path.parent / CONFIG_NAME
-    if not config_path.is_file():
+    config_path = peft_config_path(path)
+    if config_path is None:
         return None
     try:
         text = config_path.read_text(encoding="utf-8")
@@ -303,4 +310,4 @@ def _put(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], modu
 
 
 __all__ = ["CONFIG_NAME", "METADATA_CONFIG_KEY", "PeftConfig", "apply_peft_config", "find_peft_config",
-           "parse_peft_config", "peft_module_name"]
+           "parse_peft_config", "peft_config_path", "peft_module_name"]

@@ -88,23 +88,25 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
     def __init__(self, path: Path):
         from safetensors import safe_open
         self.path = Path(path)
-        with safe_open(str(self.path), framework="pt") as f:
-            self._keys = list(f.keys())
-            self.metadata = f.metadata() or {}
-            self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in self._keys}
+        self._file = safe_open(str(self.path), framework="pt")  # kept open: one header parse, mmap reads
+        self._keys = list(self._file.keys())
+        self.metadata = self._file.metadata() or {}
+        self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._keys}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
         if key not in self.shapes:
             raise KeyError(f"{self.path.name}: no tensor {key!r}")
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(key)
+        return self._file.get_tensor(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.shapes
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self.shapes else default
 
     def many(self, keys) -> dict[str, torch.Tensor]:
-        """Several tensors in one file open."""
-        from safetensors import safe_open
-        with safe_open(str(self.path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in keys}
+        """Several tensors at once."""
+        return {k: self[k] for k in keys}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

@@ -233,7 +233,7 @@ def default_resolver(family: str) -> Resolver:
 
 
 def default_block_of(family: str) -> Callable[[str, str], str]:
-    """Block labels for the report: `hadakron.arch`'s `block_of` (IN04, M00, BLOCK07, TE1, ...)."""
+    """Block labels for the report: `hadakron.arch`'s `block_of` (IN04, M00, blocks.7, TE1, ...)."""
     return get_family(family).block_of
 
 

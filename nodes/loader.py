@@ -10,6 +10,7 @@ from pathlib import Path
 import comfy.model_base
 import folder_paths
 
+from hadakron.arch.anima import NUM_BLOCKS as ANIMA_NUM_BLOCKS
 from hadakron.block_weights import BlockWeights, BlockWeightsError, block_id, parse_block_weights
 from hadakron.comfy_keys import comfy_weight_key, is_clip_part, layer_shapes
 from hadakron.load_report import LORA_LOADER_HINT, LoadReport, build_load_report
@@ -29,11 +30,12 @@ _TOOLTIPS = {
     "strength_model": "How strongly to apply the adapter to the diffusion model (1 = as trained; may be "
                       "negative; 0 adds no patches).",
     "strength_clip": "How strongly to apply the adapter to the text encoder(s) (0 adds no patches).",
-    "block_weights": "Optional per-block strengths, multiplied into the strengths. Empty = 1 everywhere. "
-                     "SDXL: a preset (ALL, NONE, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5), 12 values "
-                     "(BASE,IN04,IN05,IN07,IN08,M00,OUT00..OUT05), 20 values (BASE,IN00..IN08,M00,OUT00..OUT08) "
-                     "or NAME=value entries like 'IN04=0.5, OUT=0, te=0'. Anima: 'blocks.3=0.5, blocks.0-9=0, "
-                     "llm_adapter=0, te=0'.",
+    "block_weights": "Optional per-block strengths, multiplied into the strengths. Empty = 1 everywhere. Block names "
+                     "are the ones the load report shows. SDXL: a preset (ALL, NONE, INS, IND, INALL, MIDD, OUTD, "
+                     "OUTS, OUTALL, ALL0.5), 12 values (BASE,IN04,IN05,IN07,IN08,M00,OUT00..OUT05), 20 values "
+                     "(BASE,IN00..IN08,M00,OUT00..OUT08) or NAME=value entries like 'IN04=0.5, OUT=0, TE2=0' (BASE or "
+                     "TE = both text encoders, TE1/TE2 one). Anima: 'blocks.3=0.5, blocks.0-9=0, llm_adapter=0, te=0, "
+                     "OTHER=0' (blocks.N up to the model's depth).",
     "adapter": "Optional in-memory adapter from a hadakron trainer node; when connected it is used instead "
                "of lora_name.",
 }
@@ -60,7 +62,7 @@ def model_family(model, node: str = "the LoHa/LoKr Loader", error: type[Exceptio
 def _anima_num_blocks(model) -> int:
     dm = getattr(model.model, "diffusion_model", None)
     blocks = getattr(dm, "blocks", None)
-    return len(blocks) if blocks is not None else 28
+    return len(blocks) if blocks is not None else ANIMA_NUM_BLOCKS
 
 
 def _state_shapes(module) -> dict[str, tuple[int, ...]]:
@@ -81,14 +83,23 @@ def lora_path(lora_name: str | None) -> str | None:
     return path if path is not None and os.path.isfile(path) else None
 
 
+def _stamp(path: str) -> tuple[int, ...]:
+    """(size, mtime) of the file, and of the PEFT adapter_config.json beside it when there is one (it sets the scale)."""
+    from hadakron.io.peft_config import peft_config_path
+
+    st = os.stat(path)
+    config = peft_config_path(path)
+    extra = (config.stat().st_size, config.stat().st_mtime_ns) if config is not None else ()
+    return (st.st_size, st.st_mtime_ns, *extra)
+
+
 def file_identity(*lora_names: str | None) -> str:
     """(path, size, mtime) of each named file, as IS_CHANGED text: the executor re-runs a node whose file changed."""
     out = []
     for name in lora_names:
         path = lora_path(name)
         if path is not None:
-            st = os.stat(path)
-            out.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+            out.append(f"{path}:{':'.join(map(str, _stamp(path)))}")
     return "|".join(out)
 
 
@@ -101,8 +112,7 @@ def read_lora_file(lora_name: str):
     if path is None:
         raise HadakronLoadError(f"adapter file {lora_name!r} was not found in the loras folder "
                                 f"({', '.join(folder_paths.get_folder_paths('loras'))})")
-    st = os.stat(path)
-    stamp = (st.st_size, st.st_mtime_ns)
+    stamp = _stamp(path)
     hit = _cache.get(path)
     if hit is not None and hit[0] == stamp:
         _cache.move_to_end(path)

@@ -11,6 +11,7 @@ from hadakron.io.errors import AdapterFileError
 from hadakron.io.module_checks import (
     NonfiniteTensors, group_modules, module_problems, nonfinite_problems, nonfinite_tensors,
 )
+from hadakron.io.peft_config import apply_peft_config
 from hadakron.io.safetensors_format import read_header
 
 
@@ -51,8 +52,10 @@ def read_adapter(path: str | Path, *, device: str | torch.device = "cpu") -> Ada
     _require_adapter_keys(path, [e.name for e in header.entries])
     tensors = _load_tensors(path, header.entries, device)
     modules = group_modules(tensors)
+    # PEFT keeps the scale in adapter_config.json beside the file; written into the modules here, once
+    tensors, modules, problems = apply_peft_config(path, tensors, modules, metadata=header.metadata)
     nonfinite = nonfinite_tensors(modules)
-    problems = nonfinite_problems(modules, nonfinite)
+    problems += nonfinite_problems(modules, nonfinite)
     for module, params in modules.items():
         problems += module_problems(module, params)
     return AdapterFile(path=path, tensors=tensors, metadata=header.metadata, modules=modules, problems=problems,

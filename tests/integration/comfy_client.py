@@ -16,7 +16,8 @@ Use it through the session fixture `comfy` (conftest.py):
   `PromptFailed` with the server's exception type, message and traceback plus the server log's tail, unless
   `expect_error=True` (then `run.error` holds the event's data; a run that did not fail raises AssertionError).
   A 400 from /prompt (validation) raises `PromptRejected` with the server's `error` and `node_errors`.
-- `queue(graph) -> prompt_id`, `wait(prompt_id, timeout, expect_error)`, `interrupt()`: for tests acting mid-run.
+- `queue(graph) -> prompt_id`, `wait_event(prompt_id, "progress")` (blocks until the running prompt sends that
+  event), `interrupt()`, then `wait(prompt_id, expect_error=True)` (`run.interrupted`): for tests acting mid-run.
 - Folders: `comfy.base / "models" / "loras"` (also checkpoints, diffusion_models, text_encoders, vae),
   `comfy.input_dir`, `comfy.output_dir`, `comfy.models_dir(name)`.
 The websocket (one per client, `clientId` fixed) is read by an aiohttp client in a background thread and is
@@ -332,37 +333,61 @@ class ComfyClient:
                                  f"node_errors: {json.dumps(node_errors, indent=1)}", error, node_errors)
         return body["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 600.0, expect_error: bool = False) -> PromptRun:
-        """Follow the websocket until `prompt_id` ends (and the server reports it idle), then read /history."""
-        t0 = time.time()
-        deadline = t0 + timeout
+    def _follow(self, prompt_id: str, until, deadline: float, what: str) -> list[tuple[str, Any]]:
+        """The prompt's websocket events from its execution_start up to the first one where `until(events)` holds.
+        Events without a prompt id (a pack's own messages such as hadakron.loss) that arrive while it runs count
+        as its own; `status` and binary preview frames do not."""
         ws = self._ws
-        run = PromptRun(prompt_id)
+        events: list[tuple[str, Any]] = []
         with ws.cond:
-            i, started, ended, done = 0, False, False, False
-            while not done:
+            i, started = 0, False
+            while True:
                 if i < len(ws.messages):
                     etype, data = ws.messages[i]
                     i += 1
                     pid = data.get("prompt_id") if isinstance(data, dict) else None
                     if not started:
                         started = etype == "execution_start" and pid == prompt_id
-                        if started:
-                            run.events.append((etype, data))
-                    elif pid == prompt_id or (pid is None and etype not in ("status", "binary")):
-                        # events without a prompt id (a pack's own messages) belong to the running prompt
-                        run.events.append((etype, data))
-                        ended = ended or etype in END_EVENTS
-                        done = ended and etype == "executing" and data.get("node") is None
+                        if not started:
+                            continue
+                    elif not (pid == prompt_id or (pid is None and etype not in ("status", "binary"))):
+                        continue
+                    events.append((etype, data))
+                    if until(events):
+                        return events
                     continue
                 if ws.closed is not None:
-                    raise RuntimeError(f"websocket closed while waiting for {prompt_id}: {ws.closed}\n"
+                    raise RuntimeError(f"websocket closed while waiting for {what} of {prompt_id}: {ws.closed}\n"
                                        f"{self.log_tail()}")
                 left = deadline - time.time()
                 if left <= 0:
-                    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f} s "
-                                       f"(events so far: {[t for t, _ in run.events]})\n{self.log_tail()}")
+                    raise TimeoutError(f"no {what} of prompt {prompt_id} in time "
+                                       f"(events so far: {[t for t, _ in events]})\n{self.log_tail()}")
                 ws.cond.wait(min(left, 5.0))
+
+    def wait_event(self, prompt_id: str, event_type: str, timeout: float = 600.0) -> Any:
+        """Block until the running prompt `prompt_id` sends an `event_type` event (e.g. the first `progress`);
+        returns its data. Raises TimeoutError if the prompt ends first."""
+        def until(events):
+            etype = events[-1][0]
+            if etype in END_EVENTS and etype != event_type:
+                raise TimeoutError(f"prompt {prompt_id} ended ({etype}) before any {event_type!r} event")
+            return etype == event_type
+        return self._follow(prompt_id, until, time.time() + timeout, repr(event_type))[-1][1]
+
+    def wait(self, prompt_id: str, timeout: float = 600.0, expect_error: bool = False) -> PromptRun:
+        """Follow the websocket until `prompt_id` ends (and the server reports it idle), then read /history."""
+        t0 = time.time()
+        deadline = t0 + timeout
+
+        ended = False
+
+        def until(events):
+            nonlocal ended
+            etype, data = events[-1]
+            ended = ended or etype in END_EVENTS
+            return ended and etype == "executing" and data.get("node") is None
+        run = PromptRun(prompt_id, events=self._follow(prompt_id, until, deadline, "the end"))
         run.history = self._history_when_ready(prompt_id, deadline)
         run.seconds = time.time() - t0
         failed = run.error is not None

@@ -117,3 +117,23 @@ def test_client_reports_server_errors(comfy, graph_error):
     run = comfy.run(g, expect_error=True)
     assert run.error["node_type"] == "LatentUpscaleBy" and run.error["exception_type"]
     assert run.status.get("status_str") == "error"
+
+
+def test_client_interrupts_a_running_prompt(comfy, sdxl_files):
+    """queue + wait_event("progress") + interrupt + wait(expect_error=True): the run ends interrupted mid-KSampler."""
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=sdxl_files.checkpoint)
+    pos = g.node("CLIPTextEncode", text="a photo of a cat", clip=ckpt[1])
+    lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=1)
+    ks = g.node("KSampler", model=ckpt[0], seed=3, steps=500, cfg=1.0, sampler_name="euler", scheduler="normal",
+                positive=pos[0], negative=pos[0], latent_image=lat[0], denoise=1.0)
+    save = g.node("SaveLatent", samples=ks[0], filename_prefix="latents/interrupted")
+    prompt_id = comfy.queue(g)
+    first = comfy.wait_event(prompt_id, "progress", timeout=600)
+    assert first["node"] == ks.id and first["max"] == 500, first
+    comfy.interrupt()
+    run = comfy.wait(prompt_id, timeout=300, expect_error=True)
+    assert run.interrupted and not run.succeeded
+    assert run.error["node_type"] == "KSampler", run.error
+    assert max(d["value"] for d in run.events_of("progress")) < 500
+    assert save.id not in run.outputs and run.status.get("status_str") == "error"

@@ -1,10 +1,15 @@
-"""Browser test of the web/ extension against a real ComfyUI server and its real frontend (headless Chromium).
+"""Browser tests of the web/ extension on real runs: a real ComfyUI serving comfyui-frontend-package 1.47.10 (the
+version pinned in pyproject's `dev` extra, ComfyUI v0.29's requirement) in Debian's headless Chromium, driven over
+the DevTools protocol (pipe transport, no extra Python package), against the session's server (conftest `comfy`)
+with the test model files.
 
-Uses conftest's `comfy_server` (COMFYUI_PATH; run with ComfyUI's venv, which has comfyui-frontend-package),
-opens the UI in Debian's chromium driven over the DevTools protocol (pipe transport, no extra Python
-package), and checks that: /extensions lists our modules; the extension registers without
-console errors from our scripts; a trainer node draws a live loss chart from "hadakron.loss" WS messages and
-keeps the final curve after an "executed" message and a workflow reload; a loader node shows its load report.
+Every example workflow is listed by the server's template route, loaded through the UI's own template load path
+(`app.loadGraphData` of the file the route serves) with no missing node; the frontend's own `graphToPrompt` gives
+the same prompt as workflow_api.py; the layout the file holds is the one shown (no node resized, none overlapping).
+Then each template gets the test files and CPU-sized settings in its widgets and is queued with the real Run
+button: the server accepts it (no validation error) and runs it; the trainer's loss chart is drawn from the run's
+own websocket events (and survives a workflow reload), the loaders show the load report the server returned, and
+the text result nodes their text. Pure JS logic is unit-tested in tests/web/ (`node --test tests/web/`).
 Skipped with the reason when COMFYUI_PATH, chromium or the frontend package is missing.
 """
 from __future__ import annotations
@@ -15,7 +20,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,6 +27,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from example_workflow_runs import (TRAIN_STEPS, adapter_files, family_of, file_names, load_report,  # noqa: F401
+                                   prompt_for_test_run, workflow_paths)
+from workflow_api import first_of, nodes_of, to_api
 
 PACK_DIR_NAME = "hadakron"
 CHROMIUM_FLAGS = [
@@ -215,9 +223,82 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
+
+# ---------------------------------------------------------------- the page
+
+
+HELPERS_JS = r"""
+(() => {
+  const app = window.comfyAPI.app.app, api = window.comfyAPI.api.api;
+  const hk = window.__hk = {
+    app, api,
+    loss: [],          // every hadakron.loss event the page's own websocket delivered
+    queued: [],        // POST /prompt answers ({prompt_id, node_errors}) of the prompts the UI queued
+    queueErrors: [],
+    node(id) { return app.graph.getNodeById(Number(id)) ?? app.graph.getNodeById(String(id)); },
+    widgetEl(node, name) { const w = node && node.widgets.find((w) => w.name === name); return w && w.element; },
+    // The file the server's template route serves, loaded as the template browser does.
+    async loadTemplate(module, stem) {
+      const res = await api.fetchApi(`/workflow_templates/${module}/${stem}.json`);
+      if (!res.ok) throw new Error(`template ${module}/${stem}: HTTP ${res.status}`);
+      await app.loadGraphData(await res.json(), true, true, stem);
+      return app.graph._nodes.length;
+    },
+    missingTypes() { return app.graph._nodes.filter((n) => !(n.type in LiteGraph.registered_node_types)).map((n) => n.type); },
+    layout() {
+      return app.graph._nodes.map((n) => ({ id: String(n.id), type: n.type, size: [...n.size], rect: [...n.boundingRect] }));
+    },
+    async prompt() { return (await app.graphToPrompt()).output; },
+    // Sets widget values as a user would (value, then the widget's callback).
+    setWidgets(values) {
+      for (const [id, inputs] of Object.entries(values)) {
+        const node = hk.node(id);
+        for (const [name, value] of Object.entries(inputs)) {
+          const w = node.widgets.find((w) => w.name === name);
+          if (!w) throw new Error(`node ${id} (${node.type}) has no widget ${name}`);
+          w.value = value;
+          w.callback?.(value, app.canvas, node);
+        }
+      }
+      app.graph.setDirtyCanvas(true, true);
+      return true;
+    },
+    // Scrolls the canvas (zoom 1) so a node's widget is on screen: the frontend hides DOM widgets outside the view.
+    async showWidget(id, name) {
+      const node = hk.node(id), w = node.widgets.find((w) => w.name === name);
+      app.canvas.ds.scale = 1;
+      app.canvas.ds.offset = [40 - node.pos[0], 60 - (node.pos[1] + (w.y ?? w.last_y ?? 0))];
+      app.canvas.setDirty(true, true);
+      for (let i = 0; i < 6; i++) await new Promise((r) => requestAnimationFrame(r));
+      return w.element.clientWidth;
+    },
+    runButton() { return document.querySelector('[data-testid="queue-button"]'); },
+    // Pixels of a chart canvas: total, non-background, close to the smoothed-curve colour (255,165,60).
+    pixels(canvas) {
+      const d = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+      let nonBg = 0, orange = 0;
+      for (let i = 0; i < d.length; i += 4) {
+        const [r, g, b] = [d[i], d[i + 1], d[i + 2]];
+        if (Math.abs(r - 0x1b) + Math.abs(g - 0x1b) + Math.abs(b - 0x1b) > 30) nonBg++;
+        if (Math.abs(r - 255) < 40 && Math.abs(g - 165) < 40 && Math.abs(b - 60) < 50) orange++;
+      }
+      return { width: canvas.width, height: canvas.height, nonBg, orange };
+    },
+  };
+  const queuePrompt = api.queuePrompt.bind(api);
+  api.queuePrompt = async (...args) => {
+    try { const r = await queuePrompt(...args); hk.queued.push(r); return r; }
+    catch (e) { hk.queueErrors.push(String(e?.message ?? e)); throw e; }
+  };
+  api.addEventListener("hadakron.loss", (e) => hk.loss.push(e.detail));
+  return true;
+})()
+"""
+
+
 @pytest.fixture(scope="module")
 def page(server):
-    """The ComfyUI page, loaded, with our extension registered; yields the Browser."""
+    """The ComfyUI page, loaded, with our extension registered and the helpers installed; yields the Browser."""
     # A first start opens the template browser over the canvas; mark the tutorial done (user settings, temp dir).
     req = urllib.request.Request(server + "/settings", method="POST", headers={"Content-Type": "application/json"},
                                  data=json.dumps({"Comfy.TutorialCompleted": True}).encode())
@@ -227,9 +308,10 @@ def page(server):
         b.open_page()
         b.send("Page.navigate", {"url": server + "/"})
         b.wait_for("!!(window.app && window.app.graph && window.LiteGraph && window.comfyAPI && window.comfyAPI.api)",
-                   timeout=90, what="the ComfyUI app")
+                   timeout=120, what="the ComfyUI app")
         b.wait_for("window.app.extensions && window.app.extensions.some(e => e.name === 'hadakron.ui')",
                    timeout=60, what="the hadakron.ui extension to register")
+        assert b.eval(HELPERS_JS) is True
         yield b
     finally:
         shot = os.environ.get("HADAKRON_SCREENSHOT")
@@ -245,51 +327,29 @@ def _our_problems(browser: Browser) -> list[str]:
     return [p for p in browser.console_problems() if "hadakron" in p.lower()]
 
 
-# ---------------------------------------------------------------- page helpers (JS)
+def _load_template(page: Browser, stem: str) -> None:
+    page.eval(f"window.__hk.loadTemplate({json.dumps(PACK_DIR_NAME)}, {json.dumps(stem)})", timeout=60)
+    page.eval("new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
+    assert page.eval("window.__hk.missingTypes()") == [], f"{stem}: missing node types after loading"
 
-HELPERS_JS = r"""
-window.__hk = {
-  app: window.comfyAPI.app.app,
-  api: window.comfyAPI.api.api,
-  frame() { return new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))); },
-  add(type, pos) {
-    const node = LiteGraph.createNode(type);
-    if (!node) throw new Error("cannot create node " + type);
-    node.pos = pos;
-    this.app.graph.add(node);
-    this.app.canvas.ds.offset = [0, 0];
-    this.app.canvas.ds.scale = 1;
-    this.app.graph.setDirtyCanvas(true, true);
-    return node;
-  },
-  // Feeds a message through the real WebSocket 'message' handler of the api (type filtering included).
-  ws(type, data) {
-    this.wsRaw(JSON.stringify({ type, data }));
-  },
-  // The same with the exact text the server sends (Python's json.dumps of {"type", "data"}).
-  wsRaw(text) {
-    this.api.socket.dispatchEvent(new MessageEvent("message", { data: text }));
-  },
-  widgetEl(node, name) {
-    const w = node.widgets.find((w) => w.name === name);
-    return w && w.element;
-  },
-  // Pixels of the chart canvas: total, non-background, and close to the smoothed-curve colour (255,165,60).
-  pixels(canvas) {
-    const ctx = canvas.getContext("2d");
-    const { width, height } = canvas;
-    const d = ctx.getImageData(0, 0, width, height).data;
-    let nonBg = 0, orange = 0;
-    for (let i = 0; i < d.length; i += 4) {
-      const [r, g, b] = [d[i], d[i + 1], d[i + 2]];
-      if (Math.abs(r - 0x1b) + Math.abs(g - 0x1b) + Math.abs(b - 0x1b) > 30) nonBg++;
-      if (Math.abs(r - 255) < 40 && Math.abs(g - 165) < 40 && Math.abs(b - 60) < 50) orange++;
-    }
-    return { width, height, nonBg, orange };
-  },
-};
-true;
-"""
+
+def _without_titles(prompt: dict) -> dict:
+    """A prompt without `_meta` (titles: the frontend shows translated display names; the server ignores them)."""
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
+def _overlaps(layout: list[dict]) -> list[tuple[str, str]]:
+    """Pairs of nodes whose on-canvas rectangles ([x, y, w, h], title bar included) intersect."""
+    out = []
+    for i, a in enumerate(layout):
+        for b in layout[i + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["rect"], b["rect"]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                out.append((f"{a['id']} {a['type']}", f"{b['id']} {b['type']}"))
+    return out
+
+
+# ---------------------------------------------------------------- the server side of the extension
 
 
 def test_extensions_listing_has_our_modules_only(server):
@@ -303,290 +363,139 @@ def test_extensions_listing_has_our_modules_only(server):
             assert "javascript" in r.headers.get("Content-Type", ""), (path, r.headers.get("Content-Type"))
 
 
-def test_nodes_are_registered(server):
-    info = _get(server + "/object_info")
-    for name in ("HadakronLoKrTrainer", "HadakronLoHaTrainer", "HadakronLoader", "HadakronLoaderModelOnly",
-                 "HadakronSaveAdapter", "HadakronAdapterMerge", "HadakronAdapterCombine"):
-        assert name in info, f"{name} missing from /object_info"
+def test_templates_are_listed(server):
+    """The template browser lists every file of example_workflows/ under this pack."""
+    listed = _get(server + "/api/workflow_templates")
+    assert sorted(listed.get(PACK_DIR_NAME, [])) == [p.stem for p in workflow_paths()], listed
 
 
 def test_extension_loads_without_errors(page):
-    assert page.eval(HELPERS_JS) is True
-    assert _our_problems(page) == []
-    assert page.eval("window.__hk.api._registered ? window.__hk.api._registered.has('hadakron.loss') : true") is True
-
-
-def test_trainer_live_chart_final_curve_and_reload(page):
-    page.eval(HELPERS_JS)
-    info = page.eval("""(() => {
-      const n = window.__hk.add('HadakronLoKrTrainer', [40, 40]);
-      window.__hk.trainer = n;
-      return { id: String(n.id), hasWidget: !!window.__hk.widgetEl(n, 'hadakron_loss_chart'),
-               chartIndex: n.widgets.findIndex((w) => w.name === 'hadakron_loss_chart'),
-               widgetCount: n.widgets.length, saved: (n.serialize().widgets_values || []).length };
-    })()""")
-    assert info["hasWidget"], "chart widget missing on the trainer node"
-    node_id = info["id"]
-    # the chart widget comes after the node's own widgets and is not saved with the workflow's widget values
-    assert info["chartIndex"] == info["widgetCount"] - 1, info
-    assert info["saved"] == info["chartIndex"], info
-
-    # 60 live steps of a decaying noisy loss through the real WS message handler
-    events = [{"node": node_id, "step": s, "total": 100, "loss": 1.0 / (1 + 0.05 * s) + 0.05 * ((s * 37) % 7) / 7,
-               "lr": 1e-4} for s in range(1, 61)]
-    page.eval("(() => { for (const e of %s) window.__hk.ws('hadakron.loss', e); return true; })()" % json.dumps(events))
-    page.eval("window.__hk.frame().then(() => true)")
-    live = page.wait_for("""(() => {
-      const el = window.__hk.widgetEl(window.__hk.trainer, 'hadakron_loss_chart');
-      const txt = el.querySelector('.hadakron-status').textContent;
-      const px = window.__hk.pixels(el.querySelector('canvas'));
-      return txt.includes('step 60 / 100') && px.orange > 20 ? { txt, px } : null;
-    })()""", timeout=20, what="the live chart to draw step 60")
-    assert "loss " in live["txt"] and "lr 1.00e-4" in live["txt"], live
-    assert live["px"]["width"] >= 200 and live["px"]["height"] >= 80, live
-    assert live["px"]["nonBg"] > 500, live
-
-    # an event for another node id does not touch this chart
-    page.eval("window.__hk.ws('hadakron.loss', {node: '999999', step: 1, total: 5, loss: 9, lr: 1}) || true")
-
-    # the run ends: executed message with the final curve (100 steps)
-    final = [1.0 / (1 + 0.05 * s) for s in range(1, 101)]
-    output = {"hadakron_loss": [json.dumps({"loss": final})], "text": ["trained to step 100; final loss 0.1667"]}
-    page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(
-        {"node": node_id, "display_node": node_id, "output": output, "prompt_id": "p1"}))
-    done = page.wait_for("""(() => {
-      const el = window.__hk.widgetEl(window.__hk.trainer, 'hadakron_loss_chart');
-      const txt = el.querySelector('.hadakron-status').textContent;
-      return txt.includes('done') ? { txt, prop: window.__hk.trainer.properties.hadakron_loss_curve,
-        message: el.querySelector('.hadakron-message').textContent } : null;
-    })()""", timeout=20, what="the final curve")
-    assert "step 100 / 100" in done["txt"], done["txt"]
-    assert done["message"] == "trained to step 100; final loss 0.1667"
-    assert done["prop"]["count"] == 100 and done["prop"]["finished"] is True
-    assert done["prop"]["raw"]["xs"][0] == 1 and done["prop"]["raw"]["xs"][-1] == 100
-
-    # a new run starts (step 1): live points replace the final curve, and the stored outputs being
-    # re-announced (queue panel, onNodeOutputsUpdated) must not wipe the run in progress
-    page.eval("window.__hk.ws('hadakron.loss', %s) || true" % json.dumps(
-        {"node": node_id, "step": 1, "total": 10, "loss": 0.5, "lr": 1e-4}))
-    page.eval("(() => { window.__hk.app.nodeOutputs = {[%s]: %s}; return true; })()" % (json.dumps(node_id), json.dumps(output)))
-    page.eval("window.__hk.ws('hadakron.loss', %s) || true" % json.dumps(
-        {"node": node_id, "step": 2, "total": 10, "loss": 0.4, "lr": 1e-4}))
-    rerun = page.wait_for("""(() => {
-      const el = window.__hk.widgetEl(window.__hk.trainer, 'hadakron_loss_chart');
-      const txt = el.querySelector('.hadakron-status').textContent;
-      return txt.includes('step 2 / 10') ? txt : null;
-    })()""", timeout=20, what="the second run's live chart")
-    assert "done" not in rerun and "loss 0.4" in rerun, rerun
-    assert page.eval("""window.__hk.widgetEl(window.__hk.trainer, 'hadakron_loss_chart')
-      .querySelector('.hadakron-message').textContent""") == "", "a new run clears the last run's message"
-    page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(
-        {"node": node_id, "display_node": node_id, "output": output, "prompt_id": "p1b"}))
-    page.wait_for("""window.__hk.widgetEl(window.__hk.trainer, 'hadakron_loss_chart')
-      .querySelector('.hadakron-status').textContent.includes('step 100 / 100')""", timeout=20, what="the final curve again")
-
-    # save the workflow and load it again: the new node instance shows the stored curve
-    page.eval("""(async () => {
-      const wf = window.__hk.app.graph.serialize();
-      await window.__hk.app.loadGraphData(wf);
-      return true;
-    })()""", timeout=60)
-    restored = page.wait_for("""(() => {
-      const n = window.__hk.app.graph._nodes.find((n) => n.type === 'HadakronLoKrTrainer');
-      if (!n || n === window.__hk.trainer) return null;
-      const el = window.__hk.widgetEl(n, 'hadakron_loss_chart');
-      const txt = el.querySelector('.hadakron-status').textContent;
-      const px = window.__hk.pixels(el.querySelector('canvas'));
-      return txt.includes('done') && px.orange > 20 ? { txt, px } : null;
-    })()""", timeout=30, what="the restored chart after reloading the workflow")
-    assert "step 100 / 100" in restored["txt"]
+    assert page.eval("window.app.extensions.filter((e) => e.name === 'hadakron.ui').length") == 1
     assert _our_problems(page) == []
 
 
-def test_trainer_reloaded_mid_run_continues_its_curve(page):
-    page.eval(HELPERS_JS)
-    node_id = page.eval("""(() => { const n = window.__hk.add('HadakronLoHaTrainer', [40, 420]); return String(n.id); })()""")
-    first = [{"node": node_id, "step": s, "total": 100, "loss": 1.0 - 0.005 * s, "lr": 5e-5} for s in range(1, 31)]
-    page.eval("(() => { for (const e of %s) window.__hk.ws('hadakron.loss', e); return true; })()" % json.dumps(first))
-    # the workflow is saved and opened again while training goes on (what a tab switch does)
-    page.eval("""(async () => { await window.__hk.app.loadGraphData(window.__hk.app.graph.serialize()); return true; })()""",
+# ---------------------------------------------------------------- every template, loaded and run from the UI
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy, file_names):
+    return comfy.object_info()  # after the test files are in place (the combo lists hold them)
+
+
+@pytest.mark.parametrize("path", workflow_paths(), ids=[p.stem for p in workflow_paths()])
+def test_template_loads_as_the_converter_reads_it(page, path, object_info):
+    """No missing node; the frontend keeps every node's size, none overlap, and its graphToPrompt is our prompt."""
+    _load_template(page, path.stem)
+    wf = json.loads(path.read_text())
+    layout = page.eval("window.__hk.layout()")
+    sizes = {str(n["id"]): n["size"] for n in wf["nodes"]}
+    resized = [(n["id"], n["type"], n["size"], sizes[n["id"]]) for n in layout
+               if [round(x) for x in n["size"]] != sizes[n["id"]]]
+    assert resized == [], f"{path.name}: the frontend resized nodes (id, type, shown, file): {resized}"
+    assert _overlaps(layout) == [], f"{path.name}: overlapping nodes as shown"
+    assert _without_titles(page.eval("window.__hk.prompt()")) == _without_titles(
+        json.loads(json.dumps(to_api(wf, object_info)))), f"{path.name}: graphToPrompt differs from workflow_api"
+    assert _our_problems(page) == []
+
+
+def _wait_for_history(comfy, prompt_id: str, timeout: float = 900.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        h = comfy.history(prompt_id)
+        if h.get("status", {}).get("completed") or h.get("status", {}).get("status_str") == "error":
+            return h
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {prompt_id} queued from the UI did not finish in {timeout:.0f} s\n{comfy.log_tail()}")
+
+
+def _run_from_button(page: Browser, comfy, prompt: dict) -> tuple[str, dict]:
+    """Put the prompt's widget values into the loaded graph, check the UI would queue exactly that prompt, click
+    Run; returns (prompt id, /history entry) once the server is done."""
+    values = {k: {n: v for n, v in e["inputs"].items() if not isinstance(v, list)} for k, e in prompt.items()}
+    page.eval(f"window.__hk.setWidgets({json.dumps(values)})")
+    assert _without_titles(page.eval("window.__hk.prompt()")) == _without_titles(json.loads(json.dumps(prompt)))
+    queued = page.eval("window.__hk.queued.length")
+    assert page.eval("(() => { const b = window.__hk.runButton(); if (!b) return false; b.click(); return true; })()"), \
+        "no Run button ([data-testid=queue-button]) in the page"
+    answer = page.wait_for(f"window.__hk.queued.length > {queued} ? window.__hk.queued[{queued}] : "
+                           f"(window.__hk.queueErrors.length ? {{error: window.__hk.queueErrors}} : null)",
+                           timeout=60, what="POST /prompt from the Run button")
+    assert "error" not in answer and not answer.get("node_errors"), f"the server rejected the prompt: {answer}"
+    history = _wait_for_history(comfy, answer["prompt_id"])
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"], indent=1)[:4000]
+    return answer["prompt_id"], history
+
+
+def _check_trainer_chart(page: Browser, prompt: dict, history: dict) -> None:
+    trainer = first_of(prompt, ["HadakronLoKrTrainer", "HadakronLoHaTrainer"])
+    steps = prompt[trainer]["inputs"]["steps"]
+    live = [e for e in page.eval("window.__hk.loss") if str(e["node"]) == trainer]
+    assert [e["step"] for e in live] == list(range(1, steps + 1)), live  # this run's own websocket events
+    assert page.eval(f"window.__hk.showWidget({json.dumps(trainer)}, 'hadakron_loss_chart')") > 100
+    shown = page.wait_for(f"""(() => {{
+      const n = window.__hk.node({json.dumps(trainer)}), el = window.__hk.widgetEl(n, 'hadakron_loss_chart');
+      const txt = el.querySelector('.hadakron-status').textContent;
+      return txt.includes('done') && el.dataset.points ? {{ txt, points: el.dataset.points, px: window.__hk.pixels(el.querySelector('canvas')),
+        curve: n.properties.hadakron_loss_curve }} : null; }})()""", timeout=30, what="the finished loss chart")
+    assert f"step {steps} / {steps}" in shown["txt"] and shown["points"] == str(steps), shown
+    assert shown["px"]["nonBg"] > 500 and shown["px"]["orange"] > 20, shown["px"]
+    curve = json.loads(history["outputs"][trainer]["hadakron_loss"][0])["loss"]
+    assert shown["curve"]["raw"]["xs"] == list(range(1, steps + 1)), shown["curve"]
+    for drawn, event, final in zip(shown["curve"]["raw"]["ys"], live, curve):
+        assert abs(drawn - event["loss"]) <= 1e-4 * max(1.0, abs(event["loss"])), (drawn, event)
+        assert abs(event["loss"] - final) <= 1e-6 * max(1.0, abs(final)), (event, final)
+    # the workflow is saved and opened again: the new node instance shows the stored curve
+    page.eval("(async () => { await window.__hk.app.loadGraphData(window.__hk.app.graph.serialize()); return true; })()",
               timeout=60)
-    rest = [{"node": node_id, "step": s, "total": 100, "loss": 1.0 - 0.005 * s, "lr": 5e-5} for s in range(31, 41)]
-    page.eval("(() => { for (const e of %s) window.__hk.ws('hadakron.loss', e); return true; })()" % json.dumps(rest))
-    got = page.wait_for("""(() => {
-      const n = window.__hk.app.graph.getNodeById(%s);
-      const el = n && window.__hk.widgetEl(n, 'hadakron_loss_chart');
-      if (!el) return null;
-      const txt = el.querySelector('.hadakron-status').textContent;
-      return txt.includes('step 40 / 100') ? { txt, points: el.dataset.points } : null;
-    })()""" % json.dumps(node_id), timeout=20, what="the continued curve")
-    assert got["points"] == "40", got
-    assert "done" not in got["txt"]
+    assert page.eval(f"window.__hk.showWidget({json.dumps(trainer)}, 'hadakron_loss_chart')") > 100
+    restored = page.wait_for(f"""(() => {{
+      const n = window.__hk.node({json.dumps(trainer)}), el = window.__hk.widgetEl(n, 'hadakron_loss_chart');
+      const txt = el && el.querySelector('.hadakron-status').textContent;
+      return txt && txt.includes('done') && el.dataset.points ? {{ txt, points: el.dataset.points }} : null; }})()""",
+                             timeout=30, what="the restored chart after reloading the workflow")
+    assert f"step {steps} / {steps}" in restored["txt"] and restored["points"] == str(steps), restored
+
+
+def _expected_headline(report: dict) -> str:
+    bits = [report["family"].upper(), f"{report['matched_count']}/{report['total_modules']} applied"]
+    if report["unmatched_count"]:
+        bits.append(f"{report['unmatched_count']} not applied")
+    if report.get("problems"):
+        bits.append(f"{len(report['problems'])} warning{'s' if len(report['problems']) > 1 else ''}")
+    return " \u00b7 ".join(bits)
+
+
+def _shown_report(page: Browser, node_id: str) -> dict:
+    return page.wait_for(f"""(() => {{
+      const el = window.__hk.widgetEl(window.__hk.node({json.dumps(node_id)}), 'hadakron_report_view');
+      const h = el && el.querySelector('.hadakron-headline');
+      return el && el.dataset.text ? {{ head: h ? h.textContent : null, text: el.dataset.text }} : null; }})()""",
+                         timeout=30, what=f"the result shown on node {node_id}")
+
+
+def _check_reports(page: Browser, prompt: dict, history: dict) -> None:
+    for node_id in nodes_of(prompt, "HadakronLoader"):
+        report = load_report(history["outputs"][node_id])
+        assert report["matched_count"] > 0, report
+        assert _shown_report(page, node_id)["head"] == _expected_headline(report)
+    for typ in ("HadakronSaveAdapter", "HadakronAdapterMerge", "HadakronAdapterCombine"):
+        for node_id in nodes_of(prompt, typ):
+            text = history["outputs"][node_id]["text"][0]
+            assert text.splitlines()[0] in _shown_report(page, node_id)["text"], (typ, text)
+
+
+@pytest.mark.parametrize("path", workflow_paths(), ids=[p.stem for p in workflow_paths()])
+def test_template_runs_from_the_run_button(page, comfy, path, object_info, file_names):
+    _load_template(page, path.stem)
+    # one trainer step more than test_example_workflows_run.py, so the server trains again instead of answering
+    # from its cache: the chart must be drawn from this run's own events
+    prompt = prompt_for_test_run(json.loads(path.read_text()), object_info, file_names[family_of(path)],
+                                 trainer_steps=TRAIN_STEPS + 1)
+    t0 = time.time()
+    _, history = _run_from_button(page, comfy, prompt)
+    _check_reports(page, prompt, history)
+    assert _overlaps(page.eval("window.__hk.layout()")) == [], f"{path.name}: nodes overlap after the run's results"
+    if nodes_of(prompt, "HadakronLoKrTrainer") or nodes_of(prompt, "HadakronLoHaTrainer"):
+        _check_trainer_chart(page, prompt, history)  # last: it reloads the workflow
     assert _our_problems(page) == []
-
-
-REPORT = {
-    "source": "style.safetensors", "family": "sdxl", "file_family": "sdxl", "layouts": ["kohya"],
-    "loaded_parts": ["unet", "te1", "te2"], "total_modules": 42, "matched_count": 40, "unmatched_count": 2,
-    "by_part": {"unet": 36, "te1": 4}, "by_block": {"unet": {"IN04": 10, "IN10": 6, "OUT02": 20}, "te1": {"TE": 4}},
-    "by_algorithm": {"lokr": 40}, "matched": [],
-    "unmatched": [
-        {"key": "lora_unet_bogus_layer", "kind": "unknown_module", "reason": "not a SDXL layer name in any known key layout"},
-        {"key": "lora_unet_output_blocks_0_1_proj_in", "kind": "shape_mismatch",
-         "reason": "delta-W is [8, 8] but unet 'output_blocks.0.1.proj_in' weight is [1280, 1280]",
-         "expected": [1280, 1280], "found": [8, 8]},
-    ],
-    "problems": [], "training": {"ss_network_dim": "16", "ss_network_args": {"algo": "lokr", "factor": 8}},
-    "strengths": {"model": 1.0, "clip": 1.0}, "block_weights": "",
-}
-
-
-def test_loader_shows_report(page):
-    page.eval(HELPERS_JS)
-    node_id = page.eval("""(() => {
-      const n = window.__hk.add('HadakronLoader', [500, 40]);
-      window.__hk.loader = n;
-      return String(n.id);
-    })()""")
-    output = {"hadakron_report": [json.dumps(REPORT)], "text": ["style.safetensors: 40/42 modules applied"]}
-    page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(
-        {"node": node_id, "display_node": node_id, "output": output, "prompt_id": "p2"}))
-    shown = page.wait_for("""(() => {
-      const el = window.__hk.widgetEl(window.__hk.loader, 'hadakron_report_view');
-      const head = el.querySelector('.hadakron-headline');
-      return head ? { head: head.textContent, text: el.innerText, details: [...el.querySelectorAll('details')]
-        .map((d) => [d.querySelector('summary').textContent, d.open]) } : null;
-    })()""", timeout=20, what="the load report on the loader node")
-    assert shown["head"] == "SDXL \u00b7 40/42 applied \u00b7 2 not applied"
-    assert "IN10: 6" in shown["text"]
-    assert "lora_unet_bogus_layer: not a SDXL layer name" in shown["text"]
-    assert ["not applied (2: unknown module 1, shape mismatch 1)", True] in shown["details"]
-    assert ["training metadata", False] in shown["details"]
-
-    # a long unmatched list starts collapsed
-    many = dict(REPORT, unmatched=[{"key": f"k{i}", "kind": "unknown_module", "reason": "unknown"} for i in range(30)],
-                unmatched_count=30, total_modules=70)
-    output = {"hadakron_report": [json.dumps(many)], "text": ["..."]}
-    page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(
-        {"node": node_id, "display_node": node_id, "output": output, "prompt_id": "p3"}))
-    collapsed = page.wait_for("""(() => {
-      const el = window.__hk.widgetEl(window.__hk.loader, 'hadakron_report_view');
-      const d = [...el.querySelectorAll('details')].find((d) => d.querySelector('summary').textContent.startsWith('not applied (30'));
-      return d ? { open: d.open } : null;
-    })()""", timeout=20, what="the collapsed unmatched list")
-    assert collapsed["open"] is False
-
-    # outputs restored from the queue/history panel reach a fresh loader node through onNodeOutputsUpdated
-    other = page.eval("(() => { const n = window.__hk.add('HadakronLoaderModelOnly', [900, 40]); window.__hk.loader2 = n; return String(n.id); })()")
-    page.eval("(() => { window.__hk.app.nodeOutputs = {[%s]: %s}; return true; })()" % (
-        json.dumps(other), json.dumps({"hadakron_report": [json.dumps(REPORT)], "text": ["..."]})))
-    page.wait_for("""(() => { const h = window.__hk.widgetEl(window.__hk.loader2, 'hadakron_report_view').querySelector('.hadakron-headline');
-      return h && h.textContent.startsWith('SDXL'); })()""", timeout=20, what="the restored report")
-
-    # text-only output (no JSON report) is shown as text
-    page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(
-        {"node": node_id, "display_node": node_id, "output": {"text": ["plain report line"]}, "prompt_id": "p4"}))
-    page.wait_for("""window.__hk.widgetEl(window.__hk.loader, 'hadakron_report_view').innerText.includes('plain report line')""",
-                  timeout=20, what="the text-only report")
-    assert _our_problems(page) == []
-
-
-@pytest.mark.parametrize("node_type", ["HadakronSaveAdapter", "HadakronAdapterMerge", "HadakronAdapterCombine"])
-def test_text_result_nodes_show_their_text(page, node_type):
-    page.eval(HELPERS_JS)
-    node_id = page.eval("(() => { const n = window.__hk.add(%s, [40, 700]); window.__hk.textNode = n; return String(n.id); })()"
-                        % json.dumps(node_type))
-    text = f"{node_type}: saved loras/hadakron/adapter_00001_.safetensors\nsecond line"
-    page.eval("window.__hk.ws('executed', %s) || true" % json.dumps(
-        {"node": node_id, "display_node": node_id, "output": {"text": [text]}, "prompt_id": "t"}))
-    shown = page.wait_for("""(() => { const el = window.__hk.widgetEl(window.__hk.textNode, 'hadakron_report_view');
-      return el && el.innerText.includes('second line') ? el.innerText : null; })()""", timeout=20, what="the text result")
-    assert text.splitlines()[0] in shown
-    assert _our_problems(page) == []
-
-
-# ---------------------------------------------------------------- real payloads made by the Python nodes
-
-
-def _server_text(msg_type: str, data) -> str:
-    """What PromptServer.send_json puts on the socket (aiohttp's default dumps is json.dumps)."""
-    return json.dumps({"type": msg_type, "data": data})
-
-
-def test_real_loader_ui_output_renders(page, pack_nodes, small_sdxl, small_sdxl_clip, write_lora):
-    """The loader node's own ui dict (a real run on a small SDXL built with ComfyUI's classes) shows as the report."""
-    import torch
-    from hadakron.comfy_keys import layer_shapes
-
-    shapes = layer_shapes("sdxl", {k: v.shape for k, v in small_sdxl.model.state_dict().items()}, clip=False)
-    candidates = sorted(d for (part, d), shp in shapes.items() if part == "unet" and len(shp) == 2 and ".attn1.to_" in d)
-    assert len(candidates) >= 4, candidates
-    linear, mismatch = candidates[:3], candidates[3]
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for dotted in linear:
-        out, cin = shapes[("unet", dotted)]
-        key = "lora_unet_" + dotted.replace(".", "_")
-        tensors[f"{key}.lokr_w1"] = torch.randn(2, 2, generator=g)
-        tensors[f"{key}.lokr_w2_a"] = torch.randn(out // 2, 2, generator=g)
-        tensors[f"{key}.lokr_w2_b"] = torch.randn(2, cin // 2, generator=g)
-        tensors[f"{key}.alpha"] = torch.tensor(2.0)
-    tensors["lora_unet_not_a_layer_at_all.lokr_w1"] = torch.randn(2, 2, generator=g)
-    tensors["lora_unet_not_a_layer_at_all.lokr_w2"] = torch.randn(4, 4, generator=g)
-    out, cin = shapes[("unet", mismatch)]
-    bad = "lora_unet_" + mismatch.replace(".", "_")
-    tensors[f"{bad}.lokr_w1"] = torch.randn(2, 2, generator=g)
-    tensors[f"{bad}.lokr_w2"] = torch.randn(out // 2 + 1, cin // 2, generator=g)  # one row too many
-    name = write_lora("frontend_report.safetensors", tensors,
-                      {"ss_network_module": "lycoris.kohya", "ss_network_dim": "2", "ss_network_alpha": "2"})
-    res = pack_nodes.HadakronLoader().load(small_sdxl, small_sdxl_clip, name, 1.0, 1.0, "")
-    ui = res["ui"]
-    report = json.loads(ui["hadakron_report"][0])
-    applied, unapplied = report["matched_count"], report["unmatched_count"]
-    assert applied == 3 and unapplied == 2, report
-
-    page.eval(HELPERS_JS)
-    node_id = page.eval("(() => { const n = window.__hk.add('HadakronLoader', [1200, 40]); window.__hk.realLoader = n; return String(n.id); })()")
-    text = _server_text("executed", {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": "real"})
-    page.eval("window.__hk.wsRaw(%s) || true" % json.dumps(text))
-    shown = page.wait_for("""(() => { const el = window.__hk.widgetEl(window.__hk.realLoader, 'hadakron_report_view');
-      const h = el.querySelector('.hadakron-headline');
-      return h ? { head: h.textContent, text: el.innerText } : null; })()""", timeout=20, what="the real report")
-    warns = len(report["problems"])
-    expected = f"SDXL \u00b7 3/{applied + unapplied} applied \u00b7 {unapplied} not applied"
-    expected += f" \u00b7 {warns} warning{'s' if warns > 1 else ''}" if warns else ""
-    assert shown["head"] == expected, (shown["head"], report["problems"])
-    for problem in report["problems"]:
-        assert problem[:60] in shown["text"], problem
-    assert "lora_unet_not_a_layer_at_all" in shown["text"]
-    assert bad in shown["text"] and "shape mismatch 1" in shown["text"], shown["text"]
-    assert "file: frontend_report.safetensors" in shown["text"]
-    assert _our_problems(page) == []
-
-
-def test_real_trainer_loss_messages_render(page, pack, monkeypatch):
-    """The trainer's own _send_loss payloads, serialised as the server does, drive the chart."""
-    import importlib
-    import types
-
-    trainer = importlib.import_module(pack.__name__ + ".nodes.trainer")
-    sent = []
-
-    class FakePromptServer:
-        instance = types.SimpleNamespace(send_sync=lambda event, data, sid=None: sent.append((event, data)))
-
-    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=FakePromptServer))
-    page.eval(HELPERS_JS)
-    node_id = page.eval("(() => { const n = window.__hk.add('HadakronLoKrTrainer', [1200, 500]); window.__hk.realTrainer = n; return String(n.id); })()")
-    for step in range(1, 26):
-        trainer._send_loss(node_id, step, 25, 0.5 / step ** 0.5, 1e-4 * (1 - step / 25))
-    assert len(sent) == 25 and sent[0][0] == "hadakron.loss", sent[:1]
-    texts = [_server_text(event, data) for event, data in sent]
-    page.eval("(() => { for (const t of %s) window.__hk.wsRaw(t); return true; })()" % json.dumps(texts))
-    got = page.wait_for("""(() => { const el = window.__hk.widgetEl(window.__hk.realTrainer, 'hadakron_loss_chart');
-      const txt = el.querySelector('.hadakron-status').textContent;
-      return txt.includes('step 25 / 25') ? { txt, points: el.dataset.points } : null; })()""", timeout=20,
-                        what="the chart fed by the trainer's payloads")
-    assert got["points"] == "25"
-    assert "loss 0.1" in got["txt"], got  # 0.5 / 5 = 0.1
-    assert _our_problems(page) == []
+    print(f"{path.stem} from the Run button: {time.time() - t0:.1f} s")

@@ -408,9 +408,9 @@ def _wait_for_history(comfy, prompt_id: str, timeout: float = 900.0) -> dict:
     raise TimeoutError(f"prompt {prompt_id} queued from the UI did not finish in {timeout:.0f} s\n{comfy.log_tail()}")
 
 
-def _run_from_button(page: Browser, comfy, prompt: dict) -> tuple[str, dict]:
+def _queue_from_button(page: Browser, prompt: dict) -> str:
     """Put the prompt's widget values into the loaded graph, check the UI would queue exactly that prompt, click
-    Run; returns (prompt id, /history entry) once the server is done."""
+    Run; returns the prompt id the server answered (no validation error)."""
     values = {k: {n: v for n, v in e["inputs"].items() if not isinstance(v, list)} for k, e in prompt.items()}
     page.eval(f"window.__hk.setWidgets({json.dumps(values)})")
     assert _without_titles(page.eval("window.__hk.prompt()")) == _without_titles(json.loads(json.dumps(prompt)))
@@ -421,39 +421,73 @@ def _run_from_button(page: Browser, comfy, prompt: dict) -> tuple[str, dict]:
                            f"(window.__hk.queueErrors.length ? {{error: window.__hk.queueErrors}} : null)",
                            timeout=60, what="POST /prompt from the Run button")
     assert "error" not in answer and not answer.get("node_errors"), f"the server rejected the prompt: {answer}"
-    history = _wait_for_history(comfy, answer["prompt_id"])
+    return answer["prompt_id"]
+
+
+def _finished(comfy, prompt_id: str) -> dict:
+    history = _wait_for_history(comfy, prompt_id)
     assert history["status"]["status_str"] == "success", json.dumps(history["status"], indent=1)[:4000]
-    return answer["prompt_id"], history
+    return history
 
 
-def _check_trainer_chart(page: Browser, prompt: dict, history: dict) -> None:
+def _chart(page: Browser, trainer: str, condition: str, what: str, timeout: float = 60.0) -> dict:
+    """The trainer's chart (status text, drawn point count, canvas pixels, stored curve) once `condition` (JS on
+    `txt` and `points`) holds; the canvas is scrolled into view first (hidden DOM widgets are not drawn)."""
+    assert page.eval(f"window.__hk.showWidget({json.dumps(trainer)}, 'hadakron_loss_chart')") > 100
+    expression = f"""(() => {{
+      const n = window.__hk.node({json.dumps(trainer)}), el = window.__hk.widgetEl(n, 'hadakron_loss_chart');
+      const txt = el && el.querySelector('.hadakron-status').textContent, points = el && Number(el.dataset.points);
+      return {{ ok: !!(el && ({condition})), txt, points, px: el && window.__hk.pixels(el.querySelector('canvas')),
+        curve: n.properties.hadakron_loss_curve ?? null }}; }})()"""
+    deadline, state = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        state = page.eval(expression)
+        if state["ok"]:
+            return state
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}: chart {state}")
+
+
+def _reload_workflow(page: Browser) -> None:
+    """Save the workflow and open it again (what a tab switch does): every node is created anew."""
+    page.eval("(async () => { await window.__hk.app.loadGraphData(window.__hk.app.graph.serialize()); return true; })()",
+              timeout=60)
+
+
+def _reload_mid_run(page: Browser, prompt: dict, live_before: int) -> None:
+    """Reload the workflow after the trainer's first live step; the new chart continues the stored curve."""
     trainer = first_of(prompt, ["HadakronLoKrTrainer", "HadakronLoHaTrainer"])
     steps = prompt[trainer]["inputs"]["steps"]
-    live = [e for e in page.eval("window.__hk.loss") if str(e["node"]) == trainer]
+    seen = f"window.__hk.loss.slice({live_before}).filter((e) => String(e.node) === {json.dumps(trainer)}).length"
+    page.wait_for(f"{seen} > 0", timeout=900, what="the trainer's first live loss event")
+    _reload_workflow(page)
+    at_reload = page.eval(seen)
+    assert at_reload < steps, "the run ended before the workflow was reloaded"
+    # before the final curve arrives, a live step after the reload is drawn with every step before it (stored
+    # with the workflow): the point count equals the step number
+    shown = _chart(page, trainer, f"!txt.includes('done') && points > {at_reload} && "
+                   f"txt.includes(`step ${{points}} / {steps}`)", "the reloaded chart continuing the run",
+                   timeout=900)
+    assert shown["px"]["orange"] > 20, shown
+
+
+def _check_trainer_chart(page: Browser, prompt: dict, history: dict, live_before: int) -> None:
+    trainer = first_of(prompt, ["HadakronLoKrTrainer", "HadakronLoHaTrainer"])
+    steps = prompt[trainer]["inputs"]["steps"]
+    live = [e for e in page.eval("window.__hk.loss")[live_before:] if str(e["node"]) == trainer]
     assert [e["step"] for e in live] == list(range(1, steps + 1)), live  # this run's own websocket events
-    assert page.eval(f"window.__hk.showWidget({json.dumps(trainer)}, 'hadakron_loss_chart')") > 100
-    shown = page.wait_for(f"""(() => {{
-      const n = window.__hk.node({json.dumps(trainer)}), el = window.__hk.widgetEl(n, 'hadakron_loss_chart');
-      const txt = el.querySelector('.hadakron-status').textContent;
-      return txt.includes('done') && el.dataset.points ? {{ txt, points: el.dataset.points, px: window.__hk.pixels(el.querySelector('canvas')),
-        curve: n.properties.hadakron_loss_curve }} : null; }})()""", timeout=30, what="the finished loss chart")
-    assert f"step {steps} / {steps}" in shown["txt"] and shown["points"] == str(steps), shown
+    shown = _chart(page, trainer, "txt.includes('done') && points > 0", "the finished loss chart")
+    assert f"step {steps} / {steps}" in shown["txt"] and shown["points"] == steps, shown
     assert shown["px"]["nonBg"] > 500 and shown["px"]["orange"] > 20, shown["px"]
     curve = json.loads(history["outputs"][trainer]["hadakron_loss"][0])["loss"]
     assert shown["curve"]["raw"]["xs"] == list(range(1, steps + 1)), shown["curve"]
     for drawn, event, final in zip(shown["curve"]["raw"]["ys"], live, curve):
         assert abs(drawn - event["loss"]) <= 1e-4 * max(1.0, abs(event["loss"])), (drawn, event)
         assert abs(event["loss"] - final) <= 1e-6 * max(1.0, abs(final)), (event, final)
-    # the workflow is saved and opened again: the new node instance shows the stored curve
-    page.eval("(async () => { await window.__hk.app.loadGraphData(window.__hk.app.graph.serialize()); return true; })()",
-              timeout=60)
-    assert page.eval(f"window.__hk.showWidget({json.dumps(trainer)}, 'hadakron_loss_chart')") > 100
-    restored = page.wait_for(f"""(() => {{
-      const n = window.__hk.node({json.dumps(trainer)}), el = window.__hk.widgetEl(n, 'hadakron_loss_chart');
-      const txt = el && el.querySelector('.hadakron-status').textContent;
-      return txt && txt.includes('done') && el.dataset.points ? {{ txt, points: el.dataset.points }} : null; }})()""",
-                             timeout=30, what="the restored chart after reloading the workflow")
-    assert f"step {steps} / {steps}" in restored["txt"] and restored["points"] == str(steps), restored
+    # the workflow is saved and opened again: the new node instance shows the stored final curve
+    _reload_workflow(page)
+    restored = _chart(page, trainer, "txt.includes('done') && points > 0", "the restored chart after a reload")
+    assert f"step {steps} / {steps}" in restored["txt"] and restored["points"] == steps, restored
 
 
 def _expected_headline(report: dict) -> str:
@@ -491,11 +525,16 @@ def test_template_runs_from_the_run_button(page, comfy, path, object_info, file_
     # from its cache: the chart must be drawn from this run's own events
     prompt = prompt_for_test_run(json.loads(path.read_text()), object_info, file_names[family_of(path)],
                                  trainer_steps=TRAIN_STEPS + 1)
+    trains = bool(nodes_of(prompt, "HadakronLoKrTrainer") or nodes_of(prompt, "HadakronLoHaTrainer"))
     t0 = time.time()
-    _, history = _run_from_button(page, comfy, prompt)
+    live_before = page.eval("window.__hk.loss.length")
+    prompt_id = _queue_from_button(page, prompt)
+    if trains:
+        _reload_mid_run(page, prompt, live_before)
+    history = _finished(comfy, prompt_id)
     _check_reports(page, prompt, history)
     assert _overlaps(page.eval("window.__hk.layout()")) == [], f"{path.name}: nodes overlap after the run's results"
-    if nodes_of(prompt, "HadakronLoKrTrainer") or nodes_of(prompt, "HadakronLoHaTrainer"):
-        _check_trainer_chart(page, prompt, history)  # last: it reloads the workflow
+    if trains:
+        _check_trainer_chart(page, prompt, history, live_before)  # last: it reloads the workflow again
     assert _our_problems(page) == []
     print(f"{path.stem} from the Run button: {time.time() - t0:.1f} s")

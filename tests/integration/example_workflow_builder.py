@@ -179,7 +179,9 @@ def _trainer_values(**kw) -> dict:
 def build_all(info: dict) -> dict[str, UIWorkflow]:
     """The five templates, by file stem."""
     out = {}
-    loader_cols = lambda x0: _columns(x0, 5, [NODE_SIZES["HadakronLoader"][0], 400, 300, 200, 420])  # noqa: E731
+
+    def loader_cols(x0: float) -> list[Column]:  # loader | prompts + latent | KSampler | VAE Decode | image
+        return _columns(x0, 5, [NODE_SIZES["HadakronLoader"][0], 400, 300, 200, 420])
 
     # ---- SDXL: load
     w = UIWorkflow(info)

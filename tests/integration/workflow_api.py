@@ -223,19 +223,14 @@ def with_values(prompt: Mapping[str, dict], by_input: Mapping[str, Any] | None =
     return out
 
 
-def class_types(prompt: Mapping[str, dict]) -> list[str]:
-    """The class types of a prompt's nodes, in node-id order."""
-    return [prompt[k]["class_type"] for k in sorted(prompt, key=int)]
-
-
 def nodes_of(prompt: Mapping[str, dict], class_type: str) -> list[str]:
     """Ids of the prompt's nodes of one class, in node-id order."""
     return [k for k in sorted(prompt, key=int) if prompt[k]["class_type"] == class_type]
 
 
-def first_of(prompt: Mapping[str, dict], class_types_: Iterable[str]) -> str:
-    """Id of the first node whose class is one of `class_types_` (raises when there is none)."""
-    wanted = set(class_types_)
+def first_of(prompt: Mapping[str, dict], types: Iterable[str]) -> str:
+    """Id of the first node whose class is one of `types` (raises when there is none)."""
+    wanted = set(types)
     for k in sorted(prompt, key=int):
         if prompt[k]["class_type"] in wanted:
             return k

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
-from hadakron.arch import get_family, parse_module_key
-from hadakron.io.module_checks import NonfiniteTensors, nonfinite_tensors
-from hadakron.ops import algorithm_of, alpha_of, applied_params, module_rank, module_scale, natural_shape
+from hadakron.arch import get_family, parse_module_key, parse_module_keys
+from hadakron.io.module_checks import NonfiniteTensors, nonfinite_applied, nonfinite_tensors
+from hadakron.ops import algorithm_of, alpha_of, module_rank, module_scale, natural_shape
 
 Params = Mapping[str, torch.Tensor]
 Resolver = Callable[[str], "tuple[str, str, str] | None"]
@@ -219,10 +219,13 @@ def weight_accepts(weight_shape: tuple[int, ...], flat: tuple[int, int]) -> bool
             and int(math.prod(weight_shape[1:])) == flat[1])
 
 
-def default_resolver(family: str) -> Resolver:
-    """module_key -> (part, dotted, layout) through `hadakron.arch.parse_module_key` for `family`."""
+def default_resolver(family: str, module_keys: Iterable[str] = ()) -> Resolver:
+    """module_key -> (part, dotted, layout) for `family` through `hadakron.arch`; the keys of one file, when given,
+    are resolved together (`parse_module_keys`: bare PEFT CLIP names are CLIP-G when any of them is)."""
+    known = parse_module_keys(module_keys, family)
+
     def resolve(module_key: str):
-        hit = parse_module_key(module_key, family)
+        hit = known[module_key] if module_key in known else parse_module_key(module_key, family)
         if hit is None:
             return None
         fam, part, dotted, layout = hit
@@ -278,7 +281,7 @@ def build_load_report(
     """
     if nonfinite is None:
         nonfinite = nonfinite_tensors(modules)
-    resolver = resolver or default_resolver(family)
+    resolver = resolver or default_resolver(family, modules)
     block_of = block_of or default_block_of(family)
     parts_present = {p for p, _ in model_shapes}
     loaded = tuple(loaded_parts) if loaded_parts is not None else tuple(sorted(parts_present))
@@ -321,7 +324,7 @@ def build_load_report(
                 f"delta-W is {list(flat)} but {part} '{dotted}' weight is {list(shape)}",
                 expected=tuple(shape), found=tuple(flat)))
             continue
-        bad = sorted(set(nonfinite.get(module_key, {})) & applied_params(params))
+        bad = nonfinite_applied(params, nonfinite.get(module_key))
         if bad:
             unmatched.append(UnmatchedKey(module_key, "nonfinite",
                                           f"{', '.join(bad)} hold NaN/Inf values; module skipped"))

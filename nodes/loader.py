@@ -146,6 +146,18 @@ def _source_name(adapter, lora_name: str | None) -> str:
 # ---------------------------------------------------------------- the core
 
 
+def family_mismatch(adapter, modules: dict, family: str, source: str) -> tuple[str | None, str | None]:
+    """(family the file's keys belong to, one-line error when that is not the model's `family`, else None)."""
+    from hadakron.arch import detect_family
+    detected = detect_family(adapter.tensors.keys() if getattr(adapter, "tensors", None) else
+                             [f"{m}.{p}" for m, ps in modules.items() for p in ps])
+    if detected.family is None or detected.family == family:
+        return detected.family, None
+    article = "an" if detected.family.upper()[0] in "AEIOU" else "a"
+    return detected.family, (f"{source} is {article} {detected.family.upper()} adapter ({detected.summary()}) "
+                             f"but the model is {family.upper()}")
+
+
 def _check_family(adapter, modules: dict, family: str, report: LoadReport) -> None:
     """Raise a one-line error for a file that cannot apply at all (LoRA, other family, nothing known)."""
     if report.matched:
@@ -160,13 +172,9 @@ def _check_family(adapter, modules: dict, family: str, report: LoadReport) -> No
         raise HadakronLoadError(f"{report.source}: {sorted(algos)[0]}")
     if "part_not_loaded" in kinds:
         return  # e.g. a text-encoder-only file on the model-only loader: reported, not an error
-    from hadakron.arch import detect_family
-    detected = detect_family(adapter.tensors.keys() if getattr(adapter, "tensors", None) else
-                             [f"{m}.{p}" for m, ps in modules.items() for p in ps])
-    report.file_family = detected.family
-    if detected.family is not None and detected.family != family:
-        raise HadakronLoadError(f"{report.source} is a {detected.family.upper()} adapter "
-                                f"({detected.summary()}) but the model is {family.upper()}")
+    report.file_family, mismatch = family_mismatch(adapter, modules, family, report.source)
+    if mismatch:
+        raise HadakronLoadError(mismatch)
     first = report.unmatched[0] if report.unmatched else None
     why = f"{first.key}: {first.reason}" if first else "no modules"
     raise HadakronLoadError(f"{report.source}: no module could be applied to this {family.upper()} model "

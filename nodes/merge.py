@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import folder_paths
@@ -19,9 +18,10 @@ from comfy.weight_adapter.base import WeightAdapterBase
 
 from hadakron.comfy_keys import comfy_weight_key, is_clip_part
 from hadakron.merge import Patch, baked_weight, combine, natural_shape
-from hadakron.merge.module_names import adapter_name, name_modules
+from hadakron.merge.module_names import adapter_modules, adapter_name
 
-from .loader import HadakronLoadError, file_identity, model_family, read_lora_file
+from .save_adapter import AdapterSaveError, checked_output_base, next_free_path
+from .loader import HadakronLoadError, family_mismatch, file_identity, model_family, read_lora_file
 
 log = logging.getLogger("hadakron")
 
@@ -110,12 +110,14 @@ def plan_merge(family: str, model_shapes: dict, clip_shapes: dict | None, adapte
     lines = []
     for adapter, strength in adapters:
         applied, skipped = 0, []
-        for m in name_modules(adapter.modules, family):
+        for m in adapter_modules(adapter, family):
             why = None
             if m.algorithm is None:
                 why = "not a LoHa, LoKr or LoRA module"
             elif m.canonical is None or m.family != family:
                 why = f"not a {family.upper()} layer name"
+            elif m.nonfinite_reason:
+                why = m.nonfinite_reason
             else:
                 on_clip = is_clip_part(family, m.part)
                 shapes = clip_shapes if on_clip else model_shapes
@@ -143,6 +145,17 @@ def plan_merge(family: str, model_shapes: dict, clip_shapes: dict | None, adapte
     return model_plan, clip_plan, lines
 
 
+def nothing_applies(adapters, family: str, lines: list[str]) -> str:
+    """One line for a merge where no module applies: the first file of the other family, else the first reason."""
+    for adapter, _strength in adapters:
+        _found, mismatch = family_mismatch(adapter, adapter.modules, family, adapter_name(adapter))
+        if mismatch:
+            return mismatch
+    first = next((ln.strip().removeprefix("not applied ") for ln in lines if ln.startswith("  not applied")), "no modules")
+    return (f"no module of {', '.join(adapter_name(a) for a, _ in adapters)} applies to this {family.upper()} model "
+            f"(first: {first})")
+
+
 def _shapes(module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
@@ -153,7 +166,7 @@ def merge_into(model, clip, adapters):
     clip_shapes = _shapes(clip.cond_stage_model) if clip is not None else None
     model_plan, clip_plan, lines = plan_merge(family, _shapes(model.model), clip_shapes, adapters)
     if not model_plan and not clip_plan:
-        raise HadakronMergeError("no adapter module matches this model:\n" + "\n".join(lines))
+        raise HadakronMergeError(nothing_applies(adapters, family, lines))
     new_model = model.clone()
     added = len(new_model.add_patches({k: HadakronMergedPatch.from_modules(v) for k, v in model_plan.items()}, 1.0))
     new_clip = clip
@@ -257,21 +270,17 @@ class HadakronAdapterCombine:
         return adapter_files_changed(**inputs)
 
     def combine(self, adapter_1, strength_1, rank, filename_prefix, layout="kohya", dtype="fp16", **kwargs):
+        out_dir = Path(folder_paths.get_output_directory()).resolve()
         try:
+            checked_output_base(filename_prefix, root=out_dir)  # before the work, not after it
             adapters = collect_adapters({"adapter_1": adapter_1, "strength_1": strength_1, **kwargs})
             result = combine(adapters, rank=rank or None, layout=layout,
                              dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-        except (HadakronMergeError, ValueError) as exc:
+            path = next_free_path(filename_prefix, root=out_dir)
+        except (HadakronMergeError, AdapterSaveError, ValueError) as exc:
             raise ValueError(f"Adapter Combine: {exc}") from None
-        out_dir = folder_paths.get_output_directory()
-        folder, filename, counter, _sub, _prefix = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        os.makedirs(folder, exist_ok=True)
-        path = Path(folder) / f"{filename}_{counter:05}_.safetensors"
-        while path.exists():
-            counter += 1
-            path = Path(folder) / f"{filename}_{counter:05}_.safetensors"
         result.write(path)
-        text = "\n".join([f"wrote {path}"] + result.lines())
+        text = "\n".join([f"wrote {path.relative_to(out_dir).as_posix()}"] + result.lines())
         return {"ui": {"text": [text]}, "result": (text,)}
 
 

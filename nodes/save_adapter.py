@@ -25,20 +25,27 @@ def loras_output_dir() -> Path:
     return Path(folder_paths.get_output_directory()).resolve() / "loras"
 
 
-def next_free_path(prefix: str) -> Path:
-    """`<output>/loras/<prefix>_00001_.safetensors` with the first counter whose file (or sidecar) is absent.
+def checked_output_base(prefix: str, *, root: Path | None = None, input_name: str = "filename_prefix") -> Path:
+    """`root/<prefix>` resolved (root: `<output>/loras`), checked before any work is done; nothing is created.
 
-    Raises AdapterSaveError when the prefix is empty, absolute, or resolves outside `<output>/loras`.
+    Raises AdapterSaveError naming `input_name` when the prefix is empty, absolute, or resolves outside `root`.
     """
     prefix = (prefix or "").strip().replace("\\", "/")
-    root = loras_output_dir()
+    root = (root or loras_output_dir()).resolve()
     if not prefix or prefix.endswith("/"):
-        raise AdapterSaveError(f"filename_prefix {prefix!r} names no file")
+        raise AdapterSaveError(f"{input_name} {prefix!r} names no file")
     if os.path.isabs(prefix) or Path(prefix).drive:
-        raise AdapterSaveError(f"filename_prefix {prefix!r} is absolute; give a name inside {root}")
+        raise AdapterSaveError(f"{input_name} {prefix!r} is absolute; give a name inside {root}")
     base = (root / prefix).resolve()
     if root != base and root not in base.parents:
-        raise AdapterSaveError(f"filename_prefix {prefix!r} leaves the output folder {root}; refusing to save there")
+        raise AdapterSaveError(f"{input_name} {prefix!r} leaves the output folder {root}; refusing to save there")
+    return base
+
+
+def next_free_path(prefix: str, *, root: Path | None = None, input_name: str = "filename_prefix") -> Path:
+    """`root/<prefix>_00001_.safetensors` (root: `<output>/loras`) with the first counter whose file (or sidecar)
+    is absent; the prefix is checked as `checked_output_base` does."""
+    base = checked_output_base(prefix, root=root, input_name=input_name)
     base.parent.mkdir(parents=True, exist_ok=True)
     counter = 1
     while True:
@@ -48,13 +55,14 @@ def next_free_path(prefix: str) -> Path:
         counter += 1
 
 
-def save_adapter(adapter, prefix: str, *, extra_metadata: dict[str, str] | None = None) -> Path:
+def save_adapter(adapter, prefix: str, *, extra_metadata: dict[str, str] | None = None,
+                 input_name: str = "filename_prefix") -> Path:
     """Write `adapter` (an AdapterFile) under a fresh name; also its training-state sidecar when it has one."""
     if adapter is None or not getattr(adapter, "tensors", None):
         raise AdapterSaveError("no adapter to save (the input holds no tensors)")
     metadata = dict(getattr(adapter, "metadata", {}) or {})
     metadata.update(extra_metadata or {})
-    path = next_free_path(prefix)
+    path = next_free_path(prefix, input_name=input_name)
     written = write_adapter(path, adapter.tensors, metadata, overwrite=False)
     state = adapter.training_state
     if state is not None:

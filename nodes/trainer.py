@@ -31,7 +31,7 @@ from hadakron.train import (
 )
 
 from .loader import apply_adapter, model_family
-from .save_adapter import ADAPTER_TYPE, CATEGORY, save_adapter
+from .save_adapter import ADAPTER_TYPE, CATEGORY, AdapterSaveError, checked_output_base, save_adapter
 from .trainer_runtime import autograd_safe_text_encoders, checkpoint_blocks, run_training
 
 log = logging.getLogger("hadakron")
@@ -237,6 +237,10 @@ class _Trainer:
         train_te = clip is not None and any(str(c or "").strip() for c in (captions or []))
         algo = self.ALGORITHM
         family = model_family(model)
+        try:  # before any step is trained: autosaves (every save_every steps, and on interrupt) go there
+            checked_output_base(kw["autosave_prefix"], input_name="autosave_prefix")
+        except AdapterSaveError as exc:
+            raise ValueError(str(exc)) from None
         with torch.inference_mode(False), torch.enable_grad():
             # upstream nodes ran under inference mode: the (small) latents and conds become normal tensors here;
             # the model's own weights are made autograd-usable without a copy inside run_training
@@ -279,7 +283,7 @@ class _Trainer:
                 tensors = snap.adapter_tensors()
                 meta = _metadata(algo, family, net, kw, step, len(samples), losses, tensors)
                 path = save_adapter(_adapter_file(tensors, meta, snap.training_state()),
-                                    f"{kw['autosave_prefix']}_step{step:06d}")
+                                    f"{kw['autosave_prefix']}_step{step:06d}", input_name="autosave_prefix")
                 log.info("hadakron: autosaved step %d to %s", step, path)
 
             callbacks = TrainCallbacks(

@@ -9,14 +9,14 @@ from hadakron.arch.detect import DetectResult, detect_family, detect_model_famil
 from hadakron.arch.family import Family, Layer, compile_patterns
 from hadakron.arch.layouts import (
     FAMILIES, LAYOUT_TITLES, LAYOUTS, PARAMS, ParsedKey, convert_key, convert_state_dict, file_key,
-    get_family, join_key, module_key, parse_key, parse_keys, parse_module_key, split_key,
+    get_family, join_key, module_key, parse_key, parse_keys, parse_module_key, parse_module_keys, split_key,
 )
 from hadakron.arch.sdxl import DIFFUSERS_TO_SGM, SDXL, SGM_TO_DIFFUSERS
 
 __all__ = [
     "ANIMA", "SDXL", "FAMILIES", "Family", "Layer", "get_family", "compile_patterns",
     "LAYOUTS", "LAYOUT_TITLES", "PARAMS", "ParsedKey", "split_key", "join_key", "module_key", "file_key",
-    "parse_module_key", "parse_key", "parse_keys", "convert_key", "convert_state_dict",
+    "parse_module_key", "parse_module_keys", "parse_key", "parse_keys", "convert_key", "convert_state_dict",
     "DIFFUSERS_TO_SGM", "SGM_TO_DIFFUSERS",
     "DetectResult", "detect_family", "detect_model_family", "match_part_names",
 ]

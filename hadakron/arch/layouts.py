@@ -249,21 +249,41 @@ def parse_key(key: str, family: str | Family | None = None) -> ParsedKey | None:
     return ParsedKey(key, mk, hit[0], hit[1], hit[2], hit[3], param)
 
 
-def parse_keys(keys: Iterable[str], family: str | Family | None = None) -> tuple[list[ParsedKey], list[str]]:
-    """Resolve many keys: `(parsed, unknown keys)`.
+_BARE_PEFT_CLIP = "base_model.model.text_model."
 
-    File-level rule: bare PEFT CLIP names of an SDXL file are all CLIP-G when any of them has a layer
-    index only CLIP-G has (12..31).
-    """
-    parsed, unknown = [], []
+
+def parse_module_keys(module_keys: Iterable[str], family: str | Family | None = None
+                      ) -> dict[str, tuple[str, str, str, str] | None]:
+    """`parse_module_key` for every module of one file, with the file-level rule: bare PEFT CLIP names of an SDXL
+    file (no text_encoder prefix says which CLIP) are all CLIP-G when any of them has a layer index only CLIP-G
+    has (12..31)."""
+    hits = {mk: parse_module_key(mk, family) for mk in module_keys}
+    bare = [mk for mk, h in hits.items() if h is not None and h[0] == "sdxl" and h[3] == "peft"
+            and mk.startswith(_BARE_PEFT_CLIP)]
+    if any(hits[mk][1] == "te2" for mk in bare):
+        for mk in bare:
+            fam, _part, dotted, layout = hits[mk]
+            hits[mk] = (fam, "te2", dotted, layout)
+    return hits
+
+
+def parse_keys(keys: Iterable[str], family: str | Family | None = None) -> tuple[list[ParsedKey], list[str]]:
+    """Resolve many keys of one file: `(parsed, unknown keys)`, with `parse_module_keys`' file-level rule."""
+    split = {}
+    unknown = []
     for k in keys:
-        p = parse_key(k, family)
-        (parsed.append(p) if p is not None else unknown.append(k))
-    bare = [p for p in parsed if p.family == "sdxl" and p.layout == "peft" and p.module_key.startswith("base_model.model.text_model.")]
-    if any(p.part == "te2" for p in bare):
-        fix = {id(p) for p in bare}
-        parsed = [ParsedKey(p.key, p.module_key, p.family, "te2", p.dotted, p.layout, p.param) if id(p) in fix else p
-                  for p in parsed]
+        try:
+            split[k] = split_key(k)
+        except ValueError:
+            unknown.append(k)
+    hits = parse_module_keys(dict.fromkeys(mk for mk, _ in split.values()), family)
+    parsed = []
+    for k, (mk, param) in split.items():
+        hit = hits[mk]
+        if hit is None:
+            unknown.append(k)
+        else:
+            parsed.append(ParsedKey(k, mk, hit[0], hit[1], hit[2], hit[3], param))
     return parsed, unknown
 
 

@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 
 from hadakron.arch import split_key as arch_split_key
-from hadakron.ops import PARAM_NAMES, applied_params, module_factors
+from hadakron.ops import PARAM_NAMES, applied_params, module_factors, module_rank
 
 # The parameter names we know per algorithm, in canonical spelling (`group_modules` renames PEFT's lora_A/B):
 # hadakron.ops' names, plus LyCORIS' lokr_t1 (named in checks, not applied).
@@ -90,6 +90,11 @@ def nonfinite_tensors(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> Nonf
     return found
 
 
+def nonfinite_applied(params: Mapping[str, torch.Tensor], bad: Mapping[str, object] | None) -> list[str]:
+    """The names, among one module's NaN/Inf tensors `bad`, that `hadakron.ops` applies (an unused alpha is not one)."""
+    return sorted(set(bad or ()) & applied_params(params))
+
+
 def nonfinite_problems(modules: Mapping[str, Mapping[str, torch.Tensor]], found: NonfiniteTensors) -> list[str]:
     """One warning per tensor holding NaN/Inf; a value `hadakron.ops` does not use says so (it changes nothing)."""
     problems = []
@@ -125,7 +130,8 @@ def module_problems(module: str, params: Mapping[str, torch.Tensor]) -> list[str
         shape_problems = shape_check(known) or _ops_problems(known)
         problems += [f"{module}: {p}" for p in shape_problems]
         if "alpha" not in params:
-            problems.append(f"{module}.alpha: missing (loaders then use scale 1.0)")
+            if not shape_problems and module_rank(known) is not None:  # a both-full LoKr never uses alpha
+                problems.append(f"{module}.alpha: missing (loaders then use scale 1.0)")
         elif params["alpha"].numel() != 1:
             problems.append(f"{module}.alpha: expected one value (0-d), found shape {list(params['alpha'].shape)}")
     else:

@@ -18,7 +18,7 @@ from hadakron.io import AdapterFile
 from hadakron.io.safetensors_format import TensorEntry, read_header
 from hadakron.merge.checkpoint_stream import IN_FLIGHT, rewrite_checkpoint
 from hadakron.merge.checkpoint_targets import CheckpointIndex, WeightTarget, index_checkpoint
-from hadakron.merge.module_names import NamedModule, adapter_name, name_modules
+from hadakron.merge.module_names import NamedModule, adapter_modules, adapter_name
 from hadakron.merge.accumulate import add_delta_, prepare
 
 BAKED_METADATA_KEY = "hadakron.baked_adapters"
@@ -155,7 +155,7 @@ def plan_patches(index: CheckpointIndex, adapters: Sequence[tuple[AdapterFile, f
     reports = []
     for adapter, strength in adapters:
         report = AdapterBakeReport(name=adapter_name(adapter), strength=float(strength))
-        for m in name_modules(adapter.modules, family):
+        for m in adapter_modules(adapter, family):
             reason, target = _match(index, m)
             if target is None:
                 report.unmatched.append((m.label, reason))
@@ -173,6 +173,8 @@ def _match(index: CheckpointIndex, m: NamedModule) -> tuple[str, WeightTarget | 
         return f"not a LoHa, LoKr or LoRA module (tensors: {', '.join(sorted(m.params))})", None
     if m.canonical is None:
         return "key not recognised for SDXL or Anima in any known layout", None
+    if m.nonfinite_reason:
+        return m.nonfinite_reason, None
     target = index.targets.get(m.canonical)
     if target is None:
         parts = ", ".join(index.parts) or "no known parts"

@@ -19,7 +19,7 @@ import torch
 from hadakron.arch import file_key, get_family, module_key
 from hadakron.io import AdapterFile, build_metadata, with_hashes, write_adapter
 from hadakron.merge.low_rank import reduce_pair, stack_pairs
-from hadakron.merge.module_names import NamedModule, adapter_name, name_modules
+from hadakron.merge.module_names import NamedModule, adapter_modules, adapter_name
 from hadakron.ops import lora_form, natural_shape
 
 
@@ -122,7 +122,7 @@ def _group(adapters: Sequence[tuple[AdapterFile, float]], family: str | None
     skipped: list[tuple[str, str]] = []
     for adapter, strength in adapters:
         name = adapter_name(adapter)
-        for m in name_modules(adapter.modules, family):
+        for m in adapter_modules(adapter, family):
             if m.algorithm is None:
                 skipped.append((f"{name}: {m.file_key}", f"not a LoHa, LoKr or LoRA module ({', '.join(sorted(m.params))})"))
             elif "dora_scale" in m.params:
@@ -131,6 +131,8 @@ def _group(adapters: Sequence[tuple[AdapterFile, float]], family: str | None
             elif m.canonical is None:
                 skipped.append((f"{name}: {m.file_key}", "key not recognised for SDXL or Anima; cannot name it in "
                                                         "the output layout"))
+            elif m.nonfinite_reason:
+                skipped.append((f"{name}: {m.file_key}", m.nonfinite_reason))
             else:
                 groups.setdefault(m.canonical, []).append((m, float(strength), name))
     return groups, skipped

@@ -7,7 +7,8 @@ from typing import Mapping
 
 import torch
 
-from hadakron.arch import detect_family, parse_module_key
+from hadakron.arch import detect_family, parse_module_key, parse_module_keys
+from hadakron.io.module_checks import nonfinite_applied
 from hadakron.ops import algorithm_of
 
 Params = Mapping[str, torch.Tensor]
@@ -24,6 +25,12 @@ class NamedModule:
     layout: str | None
     algorithm: str | None
     params: Params
+    nonfinite: tuple[str, ...] = ()  # tensors hadakron.ops applies that hold NaN/Inf: the module must not apply
+
+    @property
+    def nonfinite_reason(self) -> str | None:
+        """Why the module is skipped when it holds NaN/Inf in a tensor that would be applied, else None."""
+        return f"{', '.join(self.nonfinite)} hold NaN/Inf values; module skipped" if self.nonfinite else None
 
     @property
     def canonical(self) -> tuple[str, str, str] | None:
@@ -52,14 +59,24 @@ def file_family(keys: list[str], hint: str | None = None) -> str | None:
     return detect_family(keys).family  # None for keys of no known family: parsing then tries every family
 
 
-def name_modules(modules: Mapping[str, Params], family: str | None = None) -> list[NamedModule]:
-    """Canonical names for each module of a file (grouped tensors), in file order."""
+def name_modules(modules: Mapping[str, Params], family: str | None = None,
+                 nonfinite: Mapping[str, Mapping[str, object]] | None = None) -> list[NamedModule]:
+    """Canonical names for each module of a file (grouped tensors), in file order; `nonfinite` is the file's NaN/Inf
+    scan (`AdapterFile.nonfinite_tensors()`), marking the modules that must not be applied."""
     fam = file_family([f"{key}.{param}" for key, params in modules.items() for param in params], family)
     named = []
+    in_family = parse_module_keys(modules, fam) if fam is not None else {}
     for key, params in modules.items():
-        parsed = parse_module_key(key, fam) if fam is not None else None
+        parsed = in_family.get(key)
         if parsed is None:
             parsed = parse_module_key(key)
         fam_k, part, dotted, layout = parsed if parsed is not None else (None, None, None, None)
-        named.append(NamedModule(key, fam_k, part, dotted, layout, algorithm_of(params), params))
+        bad = tuple(nonfinite_applied(params, nonfinite.get(key))) if nonfinite else ()
+        named.append(NamedModule(key, fam_k, part, dotted, layout, algorithm_of(params), params, bad))
     return named
+
+
+def adapter_modules(adapter, family: str | None = None) -> list[NamedModule]:
+    """`name_modules` of an AdapterFile (or anything with `.modules`), with its NaN/Inf scan when it has one."""
+    scan = adapter.nonfinite_tensors() if hasattr(adapter, "nonfinite_tensors") else None
+    return name_modules(adapter.modules, family, scan)

@@ -118,8 +118,9 @@ def test_adapter_combine_writes_lora_that_comfy_applies_exactly(comfy_env, merge
     folder_paths.set_output_directory(str(tmp_path))
     text = merge_nodes.HadakronAdapterCombine().combine(a, 0.7, 0, "loras/combined", adapter_2=b, strength_2=-0.4,
                                                         dtype="fp32")["result"][0]
-    path = text.splitlines()[0].removeprefix("wrote ")
-    assert path.endswith("_00001_.safetensors")
+    rel = text.splitlines()[0].removeprefix("wrote ")
+    assert rel == "loras/combined_00001_.safetensors", text  # relative to the output folder, as core's save nodes
+    path = str(tmp_path / rel)
     lora = comfy.utils.load_torch_file(path, safe_load=True)
     model_l, clip_l = comfy.sd.load_lora_for_models(small_sdxl, small_sdxl_clip, lora, 1.0, 1.0)
     merged_model, merged_clip, _ = merge_nodes.HadakronAdapterMerge().merge(

@@ -325,11 +325,9 @@ def test_combine_writes_lora_that_core_lora_loader_applies(comfy, sdxl_files, sd
     assert [p.name for p in files] == ["server_combined_00001_.safetensors"], files
     (text,) = run.outputs[comb.id]["text"]
     first = text.splitlines()[0]
-    # the report names the file it wrote (today as the absolute path: "wrote /.../output/loras/server_combined_...")
-    assert first.startswith("wrote "), text
-    named = Path(first[len("wrote "):])
-    named = named if named.is_absolute() else comfy.output_dir / named
-    assert named.resolve() == files[0].resolve(), (first, files)
+    # the report names the file it wrote relative to the output folder, as core's save nodes do
+    assert first == "wrote loras/server_combined_00001_.safetensors", text
+    assert (comfy.output_dir / first[len("wrote "):]).resolve() == files[0].resolve(), (first, files)
     assert "exact" in text, text
     leftovers = [p.name for p in (comfy.output_dir / "loras").iterdir() if p.name.startswith(".")]
     assert leftovers == [], f"temp files left in output/loras: {leftovers}"

@@ -21,7 +21,7 @@ NODE_MODULES = (
 # `hadakron` lives there too, so make it importable when it is not installed.
 _PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("hadakron") is None and _PACK_ROOT not in sys.path:
-    sys.path.insert(0, _PACK_ROOT)
+    sys.path.append(_PACK_ROOT)  # last: the pack folder's nodes/ and tests/ must never shadow ComfyUI's modules
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -29,6 +29,13 @@ def workflow_paths() -> list[Path]:
     return sorted(WORKFLOW_DIR.glob("*.json"))
 
 
+def workflow_params(in_ci: set[str]) -> list:
+    """`workflow_paths()` as pytest params named by stem; those not in `in_ci` are marked `slow` (the full suite
+    runs every template, CI's `-m "not slow"` the cheaper ones; CI's time is limited)."""
+    import pytest
+    return [pytest.param(p, id=p.stem, marks=() if p.stem in in_ci else pytest.mark.slow) for p in workflow_paths()]
+
+
 def family_of(path: Path) -> str:
     return "anima" if "anima" in Path(path).stem else "sdxl"
 

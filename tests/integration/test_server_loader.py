@@ -163,6 +163,7 @@ def _sdxl_shapes(env, sdxl_files) -> dict[tuple[str, str], tuple[int, ...]]:
     return shapes
 
 
+@pytest.mark.slow  # CI: test_server_loader_matrix.py bakes every form and layout in one prompt
 @pytest.mark.parametrize("form_set", ["loha", "lokr"])
 def test_sdxl_loader_bakes_exactly_through_model_and_clip_save(comfy, comfy_env, sdxl_files, server_lora, form_set):
     t0 = time.time()
@@ -296,6 +297,7 @@ def test_requeue_is_cached_and_a_replaced_file_is_reloaded(comfy, comfy_env, sdx
 # ---------------------------------------------------------------- Anima
 
 
+@pytest.mark.slow  # CI: test_server_loader_matrix.py covers Anima
 def test_anima_loader_bakes_exactly_through_model_and_clip_save(comfy, anima_files, server_lora):
     t0 = time.time()
     shapes = {("unet", m): s for m, s in anima_files.unet_layers.items()}

@@ -52,6 +52,7 @@ def _check_samples(comfy, run, ids: dict, latent_shape: tuple[int, ...], log: st
     assert "invalid value encountered" not in log, "NaN/inf reached SaveImage's uint8 cast"
 
 
+@pytest.mark.slow  # CI: the loader and trainer server tests load and sample it
 def test_sdxl_checkpoint_loads_as_sdxl_and_samples(comfy, sdxl_files, input_image):
     log_start = len(comfy.log.read_text(errors="replace"))
     g = Graph()
@@ -66,6 +67,7 @@ def test_sdxl_checkpoint_loads_as_sdxl_and_samples(comfy, sdxl_files, input_imag
     print(f"sdxl sample graph: {run.seconds:.1f} s")
 
 
+@pytest.mark.slow  # CI: the loader matrix and example runs load Anima
 def test_anima_files_load_as_anima_and_sample(comfy, anima_files, input_image):
     log_start = len(comfy.log.read_text(errors="replace"))
     g = Graph()
@@ -119,6 +121,7 @@ def test_client_reports_server_errors(comfy, graph_error):
     assert run.status.get("status_str") == "error"
 
 
+@pytest.mark.slow  # CI: the trainer server test interrupts a run
 def test_client_interrupts_a_running_prompt(comfy, sdxl_files):
     """queue + wait_event("progress") + interrupt + wait(expect_error=True): the run ends interrupted mid-KSampler."""
     g = Graph()

@@ -137,9 +137,11 @@ def autograd_safe_text_encoders(modules):
 
 
 def checkpoint_blocks(diffusion_model, family: str, *, llm_adapter: bool = False) -> list:
-    """The modules checkpointed one per segment: SDXL input/middle/output blocks, Anima `blocks.N`."""
+    """The modules checkpointed one per segment: the layers inside SDXL's input/middle/output blocks (ComfyUI calls
+    those layers one by one through `forward_timestep_embed`, never a block's own forward), Anima `blocks.N`."""
     if family == "sdxl":
-        return list(diffusion_model.input_blocks) + [diffusion_model.middle_block] + list(diffusion_model.output_blocks)
+        blocks = (*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks)
+        return [layer for block in blocks for layer in block]
     blocks = list(diffusion_model.blocks)
     if llm_adapter and hasattr(diffusion_model, "llm_adapter"):
         blocks += list(getattr(diffusion_model.llm_adapter, "blocks", []))

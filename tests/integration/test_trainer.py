@@ -312,3 +312,28 @@ def test_same_seed_same_run(comfy_env, trainer_mod, small_sdxl, output_dir):
     assert a.tensors.keys() == b.tensors.keys()
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     assert loss_c["loss"] != loss_a["loss"]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "anima"])
+def test_gradient_checkpointing_really_checkpoints(family, trainer_mod, small_sdxl, small_anima, output_dir,
+                                                   monkeypatch):
+    """ComfyUI calls SDXL's layers one by one (forward_timestep_embed), never a block's forward: checkpointing must
+    wrap what is called, and give the same losses as without it."""
+    import torch.utils.checkpoint as tuc
+    model = small_sdxl if family == "sdxl" else small_anima
+    latents, positive = (sdxl_inputs if family == "sdxl" else anima_inputs)()
+    calls = []
+    original = tuc.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(tuc, "checkpoint", counting)
+    on = run_node(trainer_mod.HadakronLoKrTrainer, model, latents, positive, steps=2, factor=4, decompose_both=False,
+                  gradient_checkpointing=True)["result"][2]["loss"]
+    assert calls, "gradient_checkpointing=True ran no torch.utils.checkpoint call"
+    n = len(calls)
+    off = run_node(trainer_mod.HadakronLoKrTrainer, model, latents, positive, steps=2, factor=4, decompose_both=False,
+                   gradient_checkpointing=False)["result"][2]["loss"]
+    assert len(calls) == n  # off means off
+    assert on == pytest.approx(off, rel=1e-5)

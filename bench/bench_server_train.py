@@ -28,11 +28,14 @@ Measured 2026-12-04 on the shared 2-core / 23 GiB CPU box (other servers running
   ComfyUI TrainLoraNode LoKr, bf16 + ckpt        4004        6078         6051  2071       1.92    252.1
 
 (one KSampler step on the base model peaked at +3-4 MiB over "after load" in every server: the UNet is
-resident after loading.) The bf16 row fits one bf16 cast of every UNet weight (540 MiB) held at once: gradient
-checkpointing is a no-op on SDXL (nodes/trainer_runtime.py checkpoint_blocks wraps `forward` of the input, middle
-and output blocks, which openaimodel.py:880/895/922 never call: `forward_timestep_embed(module, ...)` iterates the
-block's children); in-process, checkpointing the children instead made 66 torch.utils.checkpoint calls in 2 steps
-(0 before), the same losses, and the bf16 peak fell from +706 to +230 MiB.
+resident after loading.) The bf16 row above was measured while gradient checkpointing was a no-op on SDXL
+(checkpoint_blocks wrapped the blocks' `forward`, which ComfyUI never calls: `forward_timestep_embed` calls each
+layer). After the fix (checkpointing the layers), same box, quieter, --threads 1, --steps 5:
+
+  hadakron LoKr, bf16 + ckpt (node defaults)     4011        4148         4126   133       0.12     41.9
+  hadakron LoKr, fp32                            4001        4073         4073    69       0.06      6.6
+
+So a training prompt adds 0.06-0.12 of the UNet's own size; ComfyUI's TrainLoraNode adds 1.9-2.6 of it.
 """
 from __future__ import annotations
 

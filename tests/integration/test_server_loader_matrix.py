@@ -160,6 +160,13 @@ def chain_loaders(g: Graph, model, clip, specs: list[AdapterSpec]):
     return nodes, model, clip
 
 
+def run_probe(comfy, g, probe) -> tuple[dict, dict]:
+    """Run the probe loader (its report text previewed) and return (its report, {(part, layer): block label})."""
+    g.node("PreviewAny", source=probe[2])
+    report, _ = node_report(comfy.run(g), probe)
+    return report, {(m["part"], m["layer"]): m["block"] for m in report["matched"]}
+
+
 def node_report(run, node) -> tuple[dict, str]:
     """(report dict, text) from the node's UI outputs in /history; the JSON must be strict JSON."""
     ui = run.outputs.get(node.id)
@@ -254,10 +261,7 @@ def _sdxl_matrix(comfy, comfy_env, sdxl_files):
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=sdxl_files.checkpoint)
     probe = g.node("HadakronLoader", model=ckpt[0], clip=ckpt[1], lora_name=blocks_spec.name,
                    strength_model=1.0, strength_clip=1.0, block_weights="")
-    g.node("PreviewAny", source=probe[2])
-    run0 = comfy.run(g)
-    probe_report, _ = node_report(run0, probe)
-    labels = {(m["part"], m["layer"]): m["block"] for m in probe_report["matched"]}
+    probe_report, labels = run_probe(comfy, g, probe)
     label_unet = labels[("unet", f"middle_block.1.{T1}.0.attn1.to_q")]
     label_te = labels[("te1", f"{TE}.8.self_attn.out_proj")]
     t_probe = time.time() - t0
@@ -409,10 +413,7 @@ def _anima_matrix(comfy, anima_files):
     unet, clip = loaders(g)
     probe = g.node("HadakronLoader", model=unet[0], clip=clip[0], lora_name=blocks_spec.name,
                    strength_model=1.0, strength_clip=1.0, block_weights="")
-    g.node("PreviewAny", source=probe[2])
-    run0 = comfy.run(g)
-    probe_report, _ = node_report(run0, probe)
-    labels = {(m["part"], m["layer"]): m["block"] for m in probe_report["matched"]}
+    probe_report, labels = run_probe(comfy, g, probe)
     label_block, label_te = labels[("unet", "blocks.1.cross_attn.q_proj")], labels[("te", "layers.9.mlp.up_proj")]
     t_probe = time.time() - t0
 

@@ -118,6 +118,16 @@ def block_id(family: str, part: str, dotted: str) -> str:
     raise BlockWeightsError(f"block weights: unknown model family {family!r} (expected 'sdxl' or 'anima')")
 
 
+def all_block_ids(family: str, *, num_blocks: int = ANIMA_DEFAULT_BLOCKS) -> tuple[str, ...]:
+    """Every block id of `family` in vector order (SDXL: TE1, TE2, IN00..OUT08, OTHER; Anima: te, blocks.0..N-1,
+    llm_adapter, OTHER): the cells of the loader's ||dW|| heatmap."""
+    if family == "sdxl":
+        return _sdxl_ids_for_name("ALL")
+    if family == "anima":
+        return _anima_ids_for_name("all", num_blocks)
+    raise BlockWeightsError(f"block weights: unknown model family {family!r} (expected 'sdxl' or 'anima')")
+
+
 # ---------------------------------------------------------------- parsing
 
 _NUMBER_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")

@@ -90,6 +90,7 @@ class LoadReport:
     block_weights: str = ""
     patches_added: int = 0
     zero_strength: int = 0  # matched modules left out because their (block-weighted) strength is 0
+    delta_norms: dict | None = None  # ||s*strength*dW||_F per block (hadakron.delta_norms.heatmap_payload), set by the loader
 
     # ------------------------------------------------------------ summaries
     def counts_by_part(self) -> dict[str, int]:
@@ -137,6 +138,7 @@ class LoadReport:
             "block_weights": self.block_weights,
             "patches_added": self.patches_added,
             "zero_strength": self.zero_strength,
+            "delta_norms": self.delta_norms,
         }
 
     def to_json(self) -> str:

@@ -11,7 +11,8 @@ import comfy.model_base
 import folder_paths
 
 from hadakron.arch.anima import NUM_BLOCKS as ANIMA_NUM_BLOCKS
-from hadakron.block_weights import BlockWeights, BlockWeightsError, block_id, parse_block_weights
+from hadakron.block_weights import BlockWeights, BlockWeightsError, all_block_ids, block_id, parse_block_weights
+from hadakron.delta_norms import block_norms, delta_norm, heatmap_payload
 from hadakron.comfy_keys import comfy_weight_key, is_clip_part, layer_shapes
 from hadakron.load_report import LORA_LOADER_HINT, LoadReport, build_load_report
 
@@ -206,10 +207,12 @@ def apply_adapter(model, clip, adapter, strength_model: float, strength_clip: fl
 
     model_patches: dict[float, dict] = {}
     clip_patches: dict[float, dict] = {}
+    strengths: list[float] = []
     for m in report.matched:
         on_clip = is_clip_part(family, m.part)
         base = strength_clip if on_clip else strength_model
         strength = float(base) * bw.strength(block_id(family, m.part, m.dotted))
+        strengths.append(strength)
         if strength == 0.0:
             report.zero_strength += 1
             continue
@@ -228,9 +231,25 @@ def apply_adapter(model, clip, adapter, strength_model: float, strength_clip: fl
         for strength, patches in clip_patches.items():
             applied += len(new_clip.add_patches(patches, strength))
     report.patches_added = applied
+    report.delta_norms = delta_norm_heatmap(family, report, strengths,
+                                            _anima_num_blocks(model) if family == "anima" else 0)
     if report.problems:
         log.warning("hadakron: %s: %d file warnings (see the node's report)", report.source, len(report.problems))
     return new_model, new_clip, report
+
+
+def delta_norm_heatmap(family: str, report: LoadReport, strengths: list[float], num_blocks: int) -> dict:
+    """`report.delta_norms`: ||s*strength*dW||_F per block of the family's vocabulary (every block of the loaded
+    parts, touched or not), from each matched module's factors (small tensors, converted to float64 numpy)."""
+    te_parts = {p for p in report.loaded_parts if p != "unet"}
+    ids = all_block_ids(family, num_blocks=num_blocks) if family == "anima" else all_block_ids(family)
+    cells = [("unet", b) for b in ids if b.lower() not in ("te", "te1", "te2")]
+    cells += [(b.lower(), b) for b in ids if b.lower() in te_parts]
+    modules = []
+    for m, strength in zip(report.matched, strengths):
+        factors = {k: v.detach().float().cpu().numpy() for k, v in m.params.items() if k != "dora_scale"}
+        modules.append((m.part, m.block, delta_norm(factors), m.scale * strength))
+    return heatmap_payload(block_norms(modules, cells))
 
 
 def _ui(report: LoadReport, text: str) -> dict:

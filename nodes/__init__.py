@@ -13,7 +13,7 @@ import sys
 
 NODE_MODULES = (
     "loader",
-    "trainer", "save_adapter",
+    "trainer", "trainer_options", "save_adapter",
     "merge",
 )
 

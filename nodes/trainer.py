@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import torch
 
@@ -19,25 +20,24 @@ from hadakron.io import AdapterFile, build_metadata, read_adapter
 from hadakron.io.module_checks import group_modules
 from hadakron.network import AdapterNetwork, NetworkConfig
 from hadakron.train import (
-    SCHEDULERS,
     normal_copy,
     ResumeState,
     TrainCallbacks,
     TrainConfig,
-    available_optimizers,
     read_training_state,
     resume_step,
     sidecar_path,
 )
 
 from .loader import apply_adapter, model_family
-from .save_adapter import ADAPTER_TYPE, CATEGORY, AdapterSaveError, checked_output_base, save_adapter
+from .save_adapter import (ADAPTER_TYPE, CATEGORY, AdapterSaveError, checked_output_base, loras_output_dir,
+                           save_adapter)
+from .trainer_options import (NONE, OPTION_GROUPS, canonical_none, compact_trainer_settings, merged_settings,
+                              setting_specs, text_encoder_specs)
 from .trainer_runtime import autograd_safe_text_encoders, checkpoint_blocks, run_training
 
 log = logging.getLogger("hadakron")
 LOSS_EVENT = "hadakron.loss"
-DTYPES = ("bf16", "fp16", "fp32")
-NONE = "none"
 
 
 def _first(value):
@@ -142,61 +142,50 @@ def _resume(net: AdapterNetwork, name: str, family: str):
     return ResumeState(step)
 
 
-def _common_inputs(lokr: bool) -> dict:
-    req = {
+def legacy_inputs(lokr: bool) -> dict:
+    """The all-in-one trainers' inputs: every setting as a widget, in the order saved workflows hold them."""
+    return {"required": {**_data_inputs(), **setting_specs(lokr)}, "optional": text_encoder_specs(),
+            "hidden": {"unique_id": "UNIQUE_ID"}}
+
+
+def compact_inputs(lokr: bool) -> dict:
+    """The compact trainers' inputs: what every run needs, one socket per option group, the text encoder's data."""
+    specs = setting_specs(lokr)
+    optional = {group.socket: (group.type_name, {"tooltip": f"From a {group.title} node; empty: "
+                                                            f"the defaults ({', '.join(group.settings)})."})
+                for group in OPTION_GROUPS}
+    te = text_encoder_specs()
+    optional["clip"] = te["clip"]
+    optional["captions"] = ("STRING", {"forceInput": True, "tooltip": te["captions"][1]["tooltip"]})
+    return {"required": {**_data_inputs(), **{name: specs[name] for name in compact_trainer_settings(lokr)}},
+            "optional": optional, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+
+def _data_inputs() -> dict:
+    return {
         "model": ("MODEL", {"tooltip": "SDXL or Anima model to train on (its own objective is used)."}),
         "latents": ("LATENT", {"tooltip": "Training latents (VAE Encode or a dataset node); batches are split."}),
         "positive": ("CONDITIONING", {"tooltip": "One conditioning for all latents, or one per latent."}),
-        "steps": ("INT", {"default": 200, "min": 1, "max": 1000000, "tooltip": "Total optimizer steps "
-                                                                                  "(a resumed run counts its earlier steps)."}),
-        "batch_size": ("INT", {"default": 1, "min": 1, "max": 256}),
-        "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-8, "max": 10.0, "step": 1e-6}),
-        "optimizer": (available_optimizers(), {"default": "AdamW"}),
-        "scheduler": (list(SCHEDULERS), {"default": "constant"}),
-        "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000}),
-        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-        "network_dim": ("INT", {"default": 8 if lokr else 4, "min": 1, "max": 100000}),
-        "network_alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100000.0, "step": 0.01}),
     }
-    if lokr:
-        req["factor"] = ("INT", {"default": -1, "min": -1, "max": 1024,
-                                  "tooltip": "Kronecker factor; -1 picks the most square split."})
-        req["decompose_both"] = ("BOOLEAN", {"default": False})
-    req.update({
-        "use_tucker": ("BOOLEAN", {"default": False}),
-        "use_scalar": ("BOOLEAN", {"default": False}),
-        "conv_dim": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "0: no 3x3 conv adapters."}),
-        "conv_alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100000.0, "step": 0.01}),
-        "rank_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01}),
-        "module_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-        "exclude_patterns": ("STRING", {"default": "", "multiline": True, "tooltip": "Regexes (one per line) of "
-                                                                                    "layer names to leave out."}),
-        "include_patterns": ("STRING", {"default": "", "multiline": True}),
-        "network_reg_dims": ("STRING", {"default": "", "tooltip": "regex=dim, comma separated"}),
-        "network_reg_lrs": ("STRING", {"default": "", "tooltip": "regex=lr, comma separated"}),
-        "loraplus_lr_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.1,
-                                        "tooltip": "0: off."}),
-        "train_llm_adapter": ("BOOLEAN", {"default": False, "tooltip": "Anima: also train the LLM adapter."}),
-        "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "One checkpoint per block."}),
-        "training_dtype": (list(DTYPES), {"default": "bf16"}),
-        "grad_accum_steps": ("INT", {"default": 1, "min": 1, "max": 1024}),
-        "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.01,
-                                    "tooltip": "0: no clipping."}),
-        "weight_decay": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 10.0, "step": 0.001}),
-        "save_every": ("INT", {"default": 0, "min": 0, "max": 1000000,
-                               "tooltip": "Autosave into output/loras every N steps (0: off)."}),
-        "autosave_prefix": ("STRING", {"default": "hadakron/autosave"}),
-        "resume_from": ([NONE] + folder_paths.get_filename_list("loras"), {"default": NONE}),
-    })
-    optional = {
-        "clip": ("CLIP", {"tooltip": "Connect with captions to train the text encoder(s) too."}),
-        "captions": ("STRING", {"default": "", "multiline": True,
-                                "tooltip": "One caption per line, one per latent (or a single one for all). "
-                                           "Needs clip; empty: the text encoder is not trained."}),
-        "te_learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 1e-6,
-                                       "tooltip": "Text-encoder lr; 0: the same as learning_rate."}),
-    }
-    return {"required": req, "optional": optional, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+
+def shown_path(path) -> str:
+    """A path as the user sees it: relative to the output folder (`loras/...`), as core's save nodes show them."""
+    root = loras_output_dir().parent
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def check_resume_from(values) -> bool | str:
+    """VALIDATE_INPUTS for resume_from: NONE (or the old "none"), or a file of the loras folder."""
+    names = set(folder_paths.get_filename_list("loras"))
+    for value in values if isinstance(values, list) else [values]:
+        value = canonical_none(value)
+        if value != NONE and value not in names:
+            return f"resume_from {value!r} is not in the loras folder"
+    return True
 
 
 def text_encoder_parts(clip, family: str) -> dict:
@@ -229,11 +218,14 @@ class _Trainer:
     FUNCTION = "train"
     OUTPUT_NODE = True
 
-    def train(self, model, latents, positive, unique_id=None, clip=None, captions=None, te_learning_rate=None,
-              **inputs):
-        kw = {k: _first(v) for k, v in inputs.items()}
-        model, node_id, clip = _first(model), _first(unique_id), _first(clip)
-        te_lr = float(_first(te_learning_rate) or 0.0) or None
+    @classmethod
+    def VALIDATE_INPUTS(cls, resume_from):
+        return check_resume_from(resume_from)
+
+    def run(self, kw: dict, model, latents: list, positive: list, clip, captions: list | None, node_id):
+        """One training run with every setting in `kw` (legacy widgets, or defaults + option nodes + widgets)."""
+        kw = dict(kw, resume_from=canonical_none(kw["resume_from"]))
+        te_lr = float(kw.get("te_learning_rate") or 0.0) or None
         train_te = clip is not None and any(str(c or "").strip() for c in (captions or []))
         algo = self.ALGORITHM
         family = model_family(model)
@@ -279,12 +271,15 @@ class _Trainer:
                 losses.append(loss)
                 _send_loss(node_id, step, config.steps, loss, lr)
 
+            autosaved: list[str] = []
+
             def autosave(step, snap):
                 tensors = snap.adapter_tensors()
                 meta = _metadata(algo, family, net, kw, step, len(samples), losses, tensors)
                 path = save_adapter(_adapter_file(tensors, meta, snap.training_state()),
                                     f"{kw['autosave_prefix']}_step{step:06d}", input_name="autosave_prefix")
-                log.info("hadakron: autosaved step %d to %s", step, path)
+                autosaved.append(shown_path(path))
+                log.info("hadakron: autosaved step %d to %s", step, autosaved[-1])
 
             callbacks = TrainCallbacks(
                 progress=lambda step, total: pbar.update_absolute(step, total),
@@ -310,6 +305,8 @@ class _Trainer:
         loss_map = {"loss": list(result.losses)}
         text = result.message or (f"trained to step {result.step}; final loss {result.losses[-1]:.5g}"
                                   if result.losses else f"no steps trained (step {result.step})")
+        if autosaved:
+            text += f"; last autosave {autosaved[-1]}"
         # first_step places a resumed run's curve at its real steps on the chart (losses are consecutive, 1-based;
         # a run stopped by a NaN also lists the rolled-back step, so count from the start, not from result.step).
         curve = {"loss": list(result.losses), "first_step": (resume.step if resume is not None else 0) + 1}
@@ -317,27 +314,76 @@ class _Trainer:
                 "result": (adapter, model_out, loss_map, clip_out)}
 
 
-class HadakronLoKrTrainer(_Trainer):
+class _LegacyTrainer(_Trainer):
+    """Every setting as a widget (the layout workflows saved before the option nodes hold)."""
+
+    DEPRECATED = True  # hidden from search; saved workflows still load and run it
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return legacy_inputs(lokr=cls.ALGORITHM == "lokr")
+
+    def train(self, model, latents, positive, unique_id=None, clip=None, captions=None, te_learning_rate=None,
+              **inputs):
+        kw = {k: _first(v) for k, v in inputs.items()}
+        kw["te_learning_rate"] = _first(te_learning_rate) or 0.0
+        return self.run(kw, _first(model), latents, positive, _first(clip), captions, _first(unique_id))
+
+
+class _CompactTrainer(_Trainer):
+    """The settings every run needs as widgets; the rest from option nodes (their defaults when not connected)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return compact_inputs(lokr=cls.ALGORITHM == "lokr")
+
+    def train(self, model, latents, positive, unique_id=None, clip=None, captions=None, **inputs):
+        sockets = {group.socket for group in OPTION_GROUPS}
+        options = {k: _first(v) for k, v in inputs.items() if k in sockets}
+        values = {k: _first(v) for k, v in inputs.items() if k not in sockets}
+        kw = merged_settings(self.ALGORITHM == "lokr", values, options)
+        return self.run(kw, _first(model), latents, positive, _first(clip), captions, _first(unique_id))
+
+
+_LOKR_DESCRIPTION = ("Trains a LoKr adapter with the model's own objective; outputs the adapter, the adapted model, "
+                     "the loss and the CLIP.")
+_LOHA_DESCRIPTION = ("Trains a LoHa adapter with the model's own objective; outputs the adapter, the adapted model, "
+                     "the loss and the CLIP.")
+_OPTIONS_HINT = (" Network, optimizer and precision settings come from the option nodes (training/hadakron); "
+                 "left empty, each group trains with its defaults.")
+
+
+class HadakronLoKrTrainer(_LegacyTrainer):
+    """Legacy LoKr Trainer: every setting on the node (kept so saved workflows load and run unchanged)."""
+
+    ALGORITHM = "lokr"
+    DESCRIPTION = _LOKR_DESCRIPTION + " Legacy layout with every setting on the node; new graphs use LoKr Trainer."
+
+
+class HadakronLoHaTrainer(_LegacyTrainer):
+    """Legacy LoHa Trainer: every setting on the node (kept so saved workflows load and run unchanged)."""
+
+    ALGORITHM = "loha"
+    DESCRIPTION = _LOHA_DESCRIPTION + " Legacy layout with every setting on the node; new graphs use LoHa Trainer."
+
+
+class HadakronTrainLoKr(_CompactTrainer):
     """Train a LoKr (Kronecker) adapter on SDXL or Anima inside the graph."""
 
     ALGORITHM = "lokr"
-    DESCRIPTION = "Trains a LoKr adapter with the model's own objective; outputs the adapter, the adapted model and the loss."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _common_inputs(lokr=True)
+    DESCRIPTION = _LOKR_DESCRIPTION + _OPTIONS_HINT
 
 
-class HadakronLoHaTrainer(_Trainer):
+class HadakronTrainLoHa(_CompactTrainer):
     """Train a LoHa (Hadamard) adapter on SDXL or Anima inside the graph."""
 
     ALGORITHM = "loha"
-    DESCRIPTION = "Trains a LoHa adapter with the model's own objective; outputs the adapter, the adapted model and the loss."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _common_inputs(lokr=False)
+    DESCRIPTION = _LOHA_DESCRIPTION + _OPTIONS_HINT
 
 
-NODE_CLASS_MAPPINGS = {"HadakronLoKrTrainer": HadakronLoKrTrainer, "HadakronLoHaTrainer": HadakronLoHaTrainer}
-NODE_DISPLAY_NAME_MAPPINGS = {"HadakronLoKrTrainer": "LoKr Trainer", "HadakronLoHaTrainer": "LoHa Trainer"}
+TRAINER_IDS = ("HadakronTrainLoKr", "HadakronTrainLoHa", "HadakronLoKrTrainer", "HadakronLoHaTrainer")
+NODE_CLASS_MAPPINGS = {"HadakronTrainLoKr": HadakronTrainLoKr, "HadakronTrainLoHa": HadakronTrainLoHa,
+                       "HadakronLoKrTrainer": HadakronLoKrTrainer, "HadakronLoHaTrainer": HadakronLoHaTrainer}
+NODE_DISPLAY_NAME_MAPPINGS = {"HadakronTrainLoKr": "LoKr Trainer", "HadakronTrainLoHa": "LoHa Trainer",
+                              "HadakronLoKrTrainer": "LoKr Trainer (legacy, all options)",
+                              "HadakronLoHaTrainer": "LoHa Trainer (legacy, all options)"}

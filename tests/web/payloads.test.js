@@ -6,7 +6,7 @@ import { LOSS_EVENT, parseLossEvent, parseLossOutput, parseReportOutput, TRAINER
 
 test("node ids and event name are the contract names", () => {
   assert.equal(LOSS_EVENT, "hadakron.loss");
-  assert.deepEqual([...TRAINER_NODES], ["HadakronLoKrTrainer", "HadakronLoHaTrainer"]);
+  assert.deepEqual([...TRAINER_NODES], ["HadakronTrainLoKr", "HadakronTrainLoHa", "HadakronLoKrTrainer", "HadakronLoHaTrainer"]);
   assert.deepEqual([...LOADER_NODES], ["HadakronLoader", "HadakronLoaderModelOnly"]);
 });
 

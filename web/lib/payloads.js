@@ -3,7 +3,7 @@
 // never break the page; the extension logs a warning in that case.
 
 export const LOSS_EVENT = "hadakron.loss";
-export const TRAINER_NODES = Object.freeze(["HadakronLoKrTrainer", "HadakronLoHaTrainer"]);
+export const TRAINER_NODES = Object.freeze(["HadakronTrainLoKr", "HadakronTrainLoHa", "HadakronLoKrTrainer", "HadakronLoHaTrainer"]);
 export const LOADER_NODES = Object.freeze(["HadakronLoader", "HadakronLoaderModelOnly"]);
 /** Nodes whose ui "text" (what was saved / merged / combined) is shown on the node. */
 export const TEXT_NODES = Object.freeze(["HadakronSaveAdapter", "HadakronAdapterMerge", "HadakronAdapterCombine"]);

@@ -74,7 +74,11 @@ def test_inspect_json_sdxl_kohya(tmp_path, capsys):
     assert r["params"] == sum(v.numel() for v in tensors.values())
     assert r["dtypes"] == {str(d).replace("torch.", ""): n for d, n in Counter(v.dtype for v in tensors.values()).items()}
     assert r["metadata"] == meta
-    assert r["problems"] == []
+    # the both-full LoKr stores alpha 1 while the metadata says dim 4: the ComfyUI #15114 ambiguity, one warning
+    [warning] = r["problems"]
+    assert warning.startswith("1 LoKr modules with both Kronecker factors full store alpha 1 "
+                              "(e.g. lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_k.alpha)")
+    assert "network dim 4: applied scale 1.0" in warning and "try strength 0.25" in warning
 
 
 def test_inspect_json_anima_and_problems(tmp_path, capsys):

@@ -10,11 +10,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from torch import nn
-
 from hadakron.arch.family import Family
 from hadakron.arch.layouts import FAMILIES, LAYOUTS, LAYOUT_TITLES, file_key, get_family, parse_keys
-from hadakron.ops import algorithm_of
+from hadakron.ops.shape_rules import algorithm_of
 
 ALGORITHM_TITLES = {"loha": "LoHa", "lokr": "LoKr", "lora": "LoRA", "diff": "full diff", "other": "unknown"}
 
@@ -150,8 +148,8 @@ _MODEL_PREFIXES = {
 }
 
 
-def _names(named_modules: Iterable[tuple[str, object]] | Iterable[str] | nn.Module) -> list[str]:
-    if isinstance(named_modules, nn.Module):
+def _names(named_modules: Iterable[tuple[str, object]] | Iterable[str] | "torch.nn.Module") -> list[str]:
+    if callable(getattr(named_modules, "named_modules", None)):  # an nn.Module (duck-typed: no torch import here)
         return [n for n, _ in named_modules.named_modules()]
     out = []
     for item in named_modules:
@@ -172,7 +170,7 @@ def match_part_names(family: str | Family, part: str, names: Iterable[str]) -> t
     return best
 
 
-def detect_model_family(named_modules: Iterable[tuple[str, object]] | Iterable[str] | nn.Module) -> DetectResult:
+def detect_model_family(named_modules: Iterable[tuple[str, object]] | Iterable[str] | "torch.nn.Module") -> DetectResult:
     """Family and parts of a live model from its module names (ComfyUI's `diffusion_model.` etc. accepted).
 
     SDXL CLIP-L and CLIP-G share names; when the same names match both, a model with names only CLIP-G

@@ -8,9 +8,8 @@ import torch
 
 from hadakron.arch import split_key as arch_split_key
 from hadakron.io.errors import AdapterFileError
-from hadakron.io.module_checks import (
-    NonfiniteTensors, group_modules, module_problems, nonfinite_problems, nonfinite_tensors,
-)
+from hadakron.io import module_specs
+from hadakron.io.module_checks import NonfiniteTensors, group_modules, nonfinite_problems, nonfinite_tensors, specs_of
 from hadakron.io.peft_config import apply_peft_config
 from hadakron.io.safetensors_format import read_header
 
@@ -56,8 +55,12 @@ def read_adapter(path: str | Path, *, device: str | torch.device = "cpu") -> Ada
     tensors, modules, problems = apply_peft_config(path, tensors, modules, metadata=header.metadata)
     nonfinite = nonfinite_tensors(modules)
     problems += nonfinite_problems(modules, nonfinite)
-    for module, params in modules.items():
-        problems += module_problems(module, params)
+    specs = {module: specs_of(params) for module, params in modules.items()}
+    for module, module_spec in specs.items():
+        problems += module_specs.module_problems(module, module_spec)
+    warning = module_specs.both_full_alpha_warning(specs, header.metadata)
+    if warning:
+        problems.append(warning)
     return AdapterFile(path=path, tensors=tensors, metadata=header.metadata, modules=modules, problems=problems,
                        nonfinite=nonfinite)
 

@@ -4,30 +4,31 @@ Entry points on a module's parameter dict (the file's own tensor names): `algori
 `module_scale`, `delta_weight`, `patched_weight` (DoRA), `lora_form`. Lower level: factor kinds (`factors`),
 `factorization`, write-floor rebuilds `loha_delta` / `lokr_delta`, the recomputing `HadaWeight` autograd, and
 bypass products `lokr_bypass_linear`, `lokr_linear` (frozen Linear + LoKr fused), `lokr_bypass_conv2d`,
-`loha_bypass` (see `bypass` for their arguments).
-"""
+`loha_bypass` (see `bypass` for their arguments). The shape rules alone (`shape_rules`: `PARAM_NAMES`,
+`algorithm_of`, factor shapes from tensor shapes) import no torch.
 
-from .autograd import HadaWeight, hada_weight, hada_weight_tucker
-from .bypass import (
-    hada_lora_pair, loha_bypass, loha_bypass_mode, lokr_bypass_conv2d, lokr_bypass_linear, lokr_linear,
-)
-from .kron_linear import KronLinear
-from .factorization import factorization
-from .factors import Factor, Full, LowRank, Tucker, as_factor
-from .params import (
-    PARAM_NAMES,
-    algorithm_of,
-    alpha_of,
-    applied_params,
-    loha_factors,
-    lokr_factors,
-    lora_factor,
-    module_factors,
-    module_rank,
-    module_scale,
-)
-from .rebuild import hada_product, kron_into, loha_delta, lokr_delta
-from .weights import delta_weight, dora_norm, lora_form, natural_shape, patched_weight
+Names are loaded on first use (PEP 562), so `from hadakron.ops import algorithm_of` does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES: dict[str, str] = {
+    **dict.fromkeys(("HadaWeight", "hada_weight", "hada_weight_tucker"), "autograd"),
+    **dict.fromkeys(("hada_lora_pair", "loha_bypass", "loha_bypass_mode", "lokr_bypass_conv2d", "lokr_bypass_linear",
+                     "lokr_linear"), "bypass"),
+    "KronLinear": "kron_linear",
+    "factorization": "factorization",
+    **dict.fromkeys(("Factor", "Full", "LowRank", "Tucker", "as_factor"), "factors"),
+    **dict.fromkeys(("PARAM_NAMES", "algorithm_of"), "shape_rules"),
+    **dict.fromkeys(("alpha_of", "applied_params", "loha_factors", "lokr_factors", "lora_factor", "module_factors",
+                     "module_rank", "module_scale"), "params"),
+    **dict.fromkeys(("hada_product", "kron_into", "loha_delta", "lokr_delta"), "rebuild"),
+    **dict.fromkeys(("delta_weight", "dora_norm", "lora_form", "natural_shape", "patched_weight"), "weights"),
+}
+_SUBMODULES = ("autocast", "autograd", "bypass", "factorization", "factors", "kron_linear", "params", "rebuild",
+               "shape_rules", "weights")
 
 __all__ = [
     "PARAM_NAMES", "algorithm_of", "alpha_of", "applied_params", "module_rank", "module_scale", "module_factors",
@@ -38,3 +39,19 @@ __all__ = [
     "HadaWeight", "hada_weight", "hada_weight_tucker",
     "lokr_bypass_linear", "lokr_linear", "KronLinear", "lokr_bypass_conv2d", "loha_bypass", "loha_bypass_mode", "hada_lora_pair",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that holds `name` on first use and cache the name here."""
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

@@ -22,7 +22,8 @@ from typing import Mapping, Sequence
 import torch
 
 from .factors import Factor, Full, LowRank, Tucker
-from .params import Params, module_factors, module_scale
+from . import shape_rules
+from .params import Params, module_factors, module_scale, shapes_of
 from .rebuild import fold_scale, hada_product, kron_into, low_rank_pair
 
 
@@ -55,7 +56,7 @@ def natural_shape(params: Params) -> tuple[int, ...]:
     """The weight shape a module's tensors multiply out to: (out, in) or (out, in, kh, kw) (flat convs: 2-D).
 
     From tensor shapes alone; ValueError naming the tensors when the factors do not multiply out."""
-    return _natural_shape(*module_factors(params))
+    return shape_rules.natural_shape(shapes_of(params))
 
 
 def _natural_shape(alg: str, factors: tuple[Factor, ...]) -> tuple[int, ...]:

@@ -4,9 +4,11 @@ Run after a node's inputs change, against a running ComfyUI that has this repo i
 
     ~/.cache/hadakron-comfy/venv/bin/python tests/integration/example_workflow_builder.py http://127.0.0.1:8188
 
-Node sizes are the frontend's own sizes for a fresh node (measured in 1.47.10, rounded up; SaveImage, PreviewImage
-and LoadImage get room for the picture), so the layout the files hold is the layout the user sees; the browser
-test checks that the frontend keeps every size and that no two nodes overlap.
+Node sizes are at least the frontend's own sizes for a fresh node in both of its renderers (the LiteGraph canvas
+and the Vue "Nodes 2.0" mode, which lays some nodes out taller or wider), measured in 1.47.10 and rounded up; SaveImage,
+PreviewImage and LoadImage get room for the picture. Nodes are stacked in columns with a GAP between them, and the
+builder refuses a layout where two nodes (title bar included) overlap; tests/integration/test_frontend_layout.py
+checks the frontend's computed sizes against these and that no two nodes overlap as shown, in both renderers.
 """
 from __future__ import annotations
 
@@ -21,13 +23,17 @@ OUT_DIR = Path(__file__).resolve().parents[2] / "example_workflows"
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar is drawn above a node's pos
 GAP = 40
 NODE_SIZES = {
-    "CheckpointLoaderSimple": (320, 100), "UNETLoader": (320, 90), "CLIPLoader": (320, 110), "VAELoader": (320, 60),
-    "LoadImage": (320, 360), "CLIPTextEncode": (400, 200), "EmptyLatentImage": (300, 110), "KSampler": (300, 270),
-    "VAEEncode": (200, 50), "VAEDecode": (200, 50), "SaveImage": (420, 460), "PreviewImage": (420, 460),
-    "CheckpointSave": (320, 100), "MarkdownNote": (320, 260),
-    "HadakronLoader": (340, 240), "HadakronLoKrTrainer": (400, 1200), "HadakronSaveAdapter": (340, 130),
-    "HadakronAdapterMerge": (340, 310), "HadakronAdapterCombine": (340, 370),
+    "CheckpointLoaderSimple": (320, 130), "UNETLoader": (320, 90), "CLIPLoader": (320, 120), "VAELoader": (320, 90),
+    "LoadImage": (320, 360), "CLIPTextEncode": (400, 200), "EmptyLatentImage": (300, 120), "KSampler": (300, 270),
+    "VAEEncode": (230, 60), "VAEDecode": (230, 60), "SaveImage": (420, 460), "PreviewImage": (420, 460),
+    "CheckpointSave": (320, 110), "MarkdownNote": (320, 260),
+    "HadakronLoader": (340, 270), "HadakronSaveAdapter": (340, 130),
+    "HadakronAdapterMerge": (340, 350), "HadakronAdapterCombine": (340, 430),
+    "HadakronTrainLoKr": (340, 640), "HadakronTrainLoHa": (340, 620), "HadakronNetworkOptions": (400, 420),
+    "HadakronOptimizerOptions": (320, 160), "HadakronPrecisionOptions": (370, 160),
+    "HadakronLoKrTrainer": (400, 1410), "HadakronLoHaTrainer": (400, 1360),
 }
+TRAINER = "HadakronTrainLoKr"  # the templates' trainer: compact, its settings from the option nodes
 OPTIONAL_SOCKET_SHAPE = 7  # how the frontend marks an optional input slot (hollow dot)
 
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
@@ -124,7 +130,21 @@ class UIWorkflow:
         src["outputs"][index]["links"].append(link_id)
         self.links.append([link_id, src["id"], index, dst["id"], slot, typ])
 
+    def overlapping(self) -> list[tuple[int, int]]:
+        """Ids of node pairs whose rectangles (title bar above pos included) intersect."""
+        def rect(n):
+            return n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0], n["size"][1] + TITLE_HEIGHT
+        out = []
+        for i, a in enumerate(self.nodes):
+            for b in self.nodes[i + 1:]:
+                (ax, ay, aw, ah), (bx, by, bw, bh) = rect(a), rect(b)
+                if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                    out.append((a["id"], b["id"]))
+        return out
+
     def dump(self, path: Path) -> None:
+        if self.overlapping():
+            raise ValueError(f"{path}: nodes overlap: {self.overlapping()}")
         wf = {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
               "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
         Path(path).write_text(json.dumps(wf, indent=1) + "\n")
@@ -155,6 +175,10 @@ def _sample(w: UIWorkflow, cols: list[Column], model, clip, vae, positive: str, 
     w.node(cols[3], output, {"filename_prefix": save_prefix} if save_prefix else None, {"images": (dec, 0)})
 
 
+def _width(class_type: str) -> int:
+    return NODE_SIZES[class_type][0]
+
+
 def _columns(x: float, n: int, widths: list[float]) -> list[Column]:
     cols = []
     for i in range(n):
@@ -171,9 +195,18 @@ def _anima_loaders(w: UIWorkflow, col: Column):
 
 
 def _trainer_values(**kw) -> dict:
-    base = {"steps": 400, "batch_size": 1, "learning_rate": 1e-4, "network_dim": 8, "network_alpha": 1.0,
-            "factor": 8, "seed": 0}
+    base = {"steps": 400, "learning_rate": 1e-4, "network_dim": 8, "network_alpha": 1.0, "factor": 8, "seed": 0}
     return {**base, **kw}
+
+
+def _trainer(w: UIWorkflow, options: Column, col: Column, model, latents, positive) -> dict:
+    """The compact LoKr Trainer in `col` with the three option nodes (at their defaults) stacked in `options`."""
+    links = {"model": model, "latents": latents, "positive": positive}
+    for node_id, socket in (("HadakronNetworkOptions", "network_options"),
+                            ("HadakronOptimizerOptions", "optimizer_options"),
+                            ("HadakronPrecisionOptions", "precision_options")):
+        links[socket] = (w.node(options, node_id), 0)
+    return w.node(col, TRAINER, _trainer_values(), links)
 
 
 def build_all(info: dict) -> dict[str, UIWorkflow]:
@@ -181,7 +214,13 @@ def build_all(info: dict) -> dict[str, UIWorkflow]:
     out = {}
 
     def loader_cols(x0: float) -> list[Column]:  # loader | prompts + latent | KSampler | VAE Decode | image
-        return _columns(x0, 5, [NODE_SIZES["HadakronLoader"][0], 400, 300, 200, 420])
+        return _columns(x0, 5, [_width("HadakronLoader"), _width("CLIPTextEncode"), _width("KSampler"),
+                                _width("VAEDecode"), _width("SaveImage")])
+
+    def train_cols(x0: float) -> list[Column]:  # data | option nodes | trainer | save + prompts | KSampler | ...
+        return _columns(x0, 7, [_width("CLIPTextEncode"), _width("HadakronNetworkOptions"), _width(TRAINER),
+                                _width("CLIPTextEncode"), _width("KSampler"), _width("VAEDecode"),
+                                _width("PreviewImage")])
 
     # ---- SDXL: load
     w = UIWorkflow(info)
@@ -218,15 +257,15 @@ def build_all(info: dict) -> dict[str, UIWorkflow]:
     ck = w.node(c0, "CheckpointLoaderSimple", {"ckpt_name": SDXL_CHECKPOINT})
     img = w.node(c0, "LoadImage", {"image": "example.png"})
     w.note(c0, "**Train a LoKr in the graph.** VAE-encode your images, caption them with CLIP Text Encode and run "
-               "LoKr Trainer: the loss is drawn live in the node. Save Adapter writes the file to `output/loras`, "
+               "LoKr Trainer: the loss is drawn live in the node. The three option nodes hold the other sd-scripts settings "
+               "(at their defaults here; a trainer without them uses the same defaults). Save Adapter writes the file to `output/loras`, "
                "and the trained model is sampled right away.")
-    cols = _columns(c0.right(), 6, [400, 400, 400, 300, 200, 420])
+    cols = train_cols(c0.right())
     enc = w.node(cols[0], "VAEEncode", None, {"pixels": (img, 0), "vae": (ck, 2)})
     cap = w.node(cols[0], "CLIPTextEncode", {"text": "photo of sks dog"}, {"clip": (ck, 1)})
-    tr = w.node(cols[1], "HadakronLoKrTrainer", _trainer_values(),
-                {"model": (ck, 0), "latents": (enc, 0), "positive": (cap, 0)})
-    w.node(cols[2], "HadakronSaveAdapter", {"filename_prefix": "hadakron/sks_dog_lokr"}, {"adapter": (tr, 0)})
-    _sample(w, cols[2:], (tr, 1), (ck, 1), (ck, 2), "photo of sks dog on a beach", "blurry",
+    tr = _trainer(w, cols[1], cols[2], (ck, 0), (enc, 0), (cap, 0))
+    w.node(cols[3], "HadakronSaveAdapter", {"filename_prefix": "hadakron/sks_dog_lokr"}, {"adapter": (tr, 0)})
+    _sample(w, cols[3:], (tr, 1), (ck, 1), (ck, 2), "photo of sks dog on a beach", "blurry",
             {"seed": 7, "steps": 25, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal"}, "PreviewImage")
     out["hadakron_train_lokr"] = w
 
@@ -236,16 +275,16 @@ def build_all(info: dict) -> dict[str, UIWorkflow]:
     unet, te, vae = _anima_loaders(w, c0)
     img = w.node(c0, "LoadImage", {"image": "example.png"})
     w.note(c0, "**Train a LoKr on Anima.** The trainer uses Anima's own flow-matching objective (shift 3). "
-               "Caption with Anima's tag style; the adapter is saved to `output/loras` and the trained model is "
+               "Caption with Anima's tag style; the option nodes hold the other settings (train_llm_adapter is in "
+               "Network Options); the adapter is saved to `output/loras` and the trained model is "
                "sampled with Anima's settings (30 steps, cfg 4, euler / simple).")
-    cols = _columns(c0.right(), 6, [400, 400, 400, 300, 200, 420])
+    cols = train_cols(c0.right())
     enc = w.node(cols[0], "VAEEncode", None, {"pixels": (img, 0), "vae": (vae, 0)})
     cap = w.node(cols[0], "CLIPTextEncode", {"text": "masterpiece, best quality, anime, sks character"},
                  {"clip": (te, 0)})
-    tr = w.node(cols[1], "HadakronLoKrTrainer", _trainer_values(),
-                {"model": (unet, 0), "latents": (enc, 0), "positive": (cap, 0)})
-    w.node(cols[2], "HadakronSaveAdapter", {"filename_prefix": "hadakron/anima_sks_lokr"}, {"adapter": (tr, 0)})
-    _sample(w, cols[2:], (tr, 1), (te, 0), (vae, 0),
+    tr = _trainer(w, cols[1], cols[2], (unet, 0), (enc, 0), (cap, 0))
+    w.node(cols[3], "HadakronSaveAdapter", {"filename_prefix": "hadakron/anima_sks_lokr"}, {"adapter": (tr, 0)})
+    _sample(w, cols[3:], (tr, 1), (te, 0), (vae, 0),
             "masterpiece, best quality, anime, sks character on a beach", ANIMA_NEGATIVE,
             {"seed": 7, **ANIMA_SAMPLER}, "PreviewImage")
     out["hadakron_anima_train_lokr"] = w

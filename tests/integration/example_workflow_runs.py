@@ -21,6 +21,7 @@ LATENT_PIXELS = 64  # 8x8 latents for SDXL and Anima
 SAMPLE_STEPS = 2
 TRAIN_STEPS = 2
 DELTA_STD = 0.01  # the test adapters change weights (std 0.02) by about half their size
+TRAINER_TYPES = ("HadakronTrainLoKr", "HadakronTrainLoHa", "HadakronLoKrTrainer", "HadakronLoHaTrainer")
 FILE_INPUTS = ("ckpt_name", "unet_name", "clip_name", "vae_name", "lora_name", "image", "adapter_1", "adapter_2",
                "adapter_3")
 
@@ -82,9 +83,10 @@ def shrink_settings(trainer_steps: int = TRAIN_STEPS) -> dict[tuple[str, str], o
     out: dict[tuple[str, str], object] = {("KSampler", "steps"): SAMPLE_STEPS,
                                           ("EmptyLatentImage", "width"): LATENT_PIXELS,
                                           ("EmptyLatentImage", "height"): LATENT_PIXELS}
-    for trainer in ("HadakronLoKrTrainer", "HadakronLoHaTrainer"):
+    for trainer in TRAINER_TYPES:
         out[(trainer, "steps")] = trainer_steps
-        out[(trainer, "training_dtype")] = "fp32"
+    for holder in ("HadakronLoKrTrainer", "HadakronLoHaTrainer", "HadakronPrecisionOptions"):
+        out[(holder, "training_dtype")] = "fp32"  # compact trainers take it from the precision options node
     return out
 
 

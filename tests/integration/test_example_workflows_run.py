@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from example_workflow_runs import (TRAIN_STEPS, adapter_files, family_of, file_names, image_array,  # noqa: F401
+from example_workflow_runs import (TRAIN_STEPS, TRAINER_TYPES, adapter_files, family_of, file_names, image_array,  # noqa: F401
                                    load_report, prompt_for_test_run, workflow_params)
 from workflow_api import first_of
 
@@ -53,7 +53,8 @@ def check_load(comfy, prompt, run, log, adapter) -> None:
 
 
 def check_train(comfy, prompt, run, log, since: float) -> None:
-    trainer = first_of(prompt, ["HadakronLoKrTrainer", "HadakronLoHaTrainer"])
+    trainer = first_of(prompt, list(TRAINER_TYPES))
+    assert prompt[trainer]["class_type"] == "HadakronTrainLoKr", "the train templates use the compact trainer"
     events = [e for e in run.events_of("hadakron.loss") if str(e["node"]) == trainer]
     assert [e["step"] for e in events] == list(range(1, TRAIN_STEPS + 1)), events
     assert all(e["total"] == TRAIN_STEPS and math.isfinite(e["loss"]) and e["loss"] > 0 for e in events), events

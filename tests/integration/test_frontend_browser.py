@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from example_workflow_runs import (TRAIN_STEPS, adapter_files, family_of, file_names, load_report,  # noqa: F401
+from example_workflow_runs import (TRAIN_STEPS, TRAINER_TYPES, adapter_files, family_of, file_names, load_report,  # noqa: F401
                                    prompt_for_test_run, workflow_params, workflow_paths)
 from workflow_api import first_of, nodes_of, to_api
 
@@ -456,7 +456,7 @@ def _reload_workflow(page: Browser) -> None:
 
 def _reload_mid_run(page: Browser, prompt: dict, live_before: int) -> None:
     """Reload the workflow after the trainer's first live step; the new chart continues the stored curve."""
-    trainer = first_of(prompt, ["HadakronLoKrTrainer", "HadakronLoHaTrainer"])
+    trainer = first_of(prompt, TRAINER_TYPES)
     steps = prompt[trainer]["inputs"]["steps"]
     seen = f"window.__hk.loss.slice({live_before}).filter((e) => String(e.node) === {json.dumps(trainer)}).length"
     page.wait_for(f"{seen} > 0", timeout=900, what="the trainer's first live loss event")
@@ -472,7 +472,7 @@ def _reload_mid_run(page: Browser, prompt: dict, live_before: int) -> None:
 
 
 def _check_trainer_chart(page: Browser, prompt: dict, history: dict, live_before: int) -> None:
-    trainer = first_of(prompt, ["HadakronLoKrTrainer", "HadakronLoHaTrainer"])
+    trainer = first_of(prompt, TRAINER_TYPES)
     steps = prompt[trainer]["inputs"]["steps"]
     live = [e for e in page.eval("window.__hk.loss")[live_before:] if str(e["node"]) == trainer]
     assert [e["step"] for e in live] == list(range(1, steps + 1)), live  # this run's own websocket events
@@ -530,7 +530,7 @@ def test_template_runs_from_the_run_button(page, comfy, path, object_info, file_
     # from its cache: the chart must be drawn from this run's own events
     prompt = prompt_for_test_run(json.loads(path.read_text()), object_info, file_names[family_of(path)],
                                  trainer_steps=TRAIN_STEPS + 1)
-    trains = bool(nodes_of(prompt, "HadakronLoKrTrainer") or nodes_of(prompt, "HadakronLoHaTrainer"))
+    trains = any(nodes_of(prompt, t) for t in TRAINER_TYPES)
     t0 = time.time()
     live_before = page.eval("window.__hk.loss.length")
     prompt_id = _queue_from_button(page, prompt)

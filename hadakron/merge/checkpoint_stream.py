@@ -16,7 +16,7 @@ import torch
 
 from hadakron.io.safetensors_format import (DTYPE_FROM_NAME, Header, TensorEntry, encode_header, read_header,
                                             tensor_bytes)
-from hadakron.io.writer import atomic_write, refuse_existing
+from hadakron.io.writer import atomic_write, check_output_path, refuse_existing, same_file
 
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 """Untouched tensors move through a buffer of at most this size (not counting the kernel's own copy path)."""
@@ -84,17 +84,21 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
         left -= len(chunk)
 
 
-def atomic_output(out_path: str | Path, *, overwrite: bool = False) -> ContextManager[BinaryIO]:
+def atomic_output(out_path: str | Path, *, overwrite: bool = False, size: int | None = None) -> ContextManager[BinaryIO]:
     """Open a temp file beside `out_path`; on success fsync and rename it into place, on any error delete it.
 
-    A process killed mid-write leaves at most a hidden `.NAME.*.partial` file, never a partial `out_path`
-    (`hadakron.io.writer.atomic_write`, raising `OutputExistsError` instead of clobbering).
+    A process killed mid-write leaves at most a hidden `.NAME.*.partial` file, never a partial `out_path`, and
+    the next write to `out_path` removes it (`hadakron.io.writer.atomic_write`, raising `OutputExistsError`
+    instead of clobbering; `size`, the expected bytes, goes into a disk-full message).
     """
     out = Path(out_path)
+    check_output_path(out)
     refuse_existing(out, overwrite, error=OutputExistsError, hint=_OVERWRITE_HINT)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out}: folder {out.parent} does not exist")
-    return atomic_write(out, overwrite=overwrite, suffix=".partial", error=OutputExistsError, hint=_OVERWRITE_HINT)
+    return atomic_write(out, overwrite=overwrite, suffix=".partial", error=OutputExistsError, hint=_OVERWRITE_HINT,
+                        size=size)
+
 
 
 IN_FLIGHT = 4
@@ -193,14 +197,17 @@ def rewrite_checkpoint(base_path: str | Path, out_path: str | Path, replace: Map
     tensor is queued (progress). Returns the output path.
     """
     base, out = Path(base_path), Path(out_path)
-    if out.exists() and base.resolve() == out.resolve():
-        raise ValueError(f"{out}: output is the input checkpoint; write to another path")
+    check_output_path(out)
+    if same_file(base, out):
+        raise ValueError(f"{out}: output is the input checkpoint {base} (same file, maybe through a link); "
+                         f"write to another path")
     header = read_header(base)
     missing = sorted(set(replace) - {e.name for e in header.entries})
     if missing:
         raise KeyError(f"{base}: no tensor named {missing[0]!r} to replace ({len(missing)} missing)")
     reader = _Reader(base, header, [e for e in header.entries if e.name in replace])
-    with open(base, "rb") as src_copy, atomic_output(out, overwrite=overwrite) as dst:
+    size = header.file_size - header.data_start + len(header_for_entries(header.entries, metadata))
+    with open(base, "rb") as src_copy, atomic_output(out, overwrite=overwrite, size=size) as dst:
         dst.write(header_for_entries(header.entries, metadata))
         writer = _Writer(src_copy, dst)
         writer.start()

@@ -58,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         from hadakron.commands import CommandError
         from hadakron.io import AdapterFileError
+        from hadakron.io.writer import OutputWriteError
 
-        known = (CommandError, AdapterFileError, FileExistsError, FileNotFoundError, PermissionError, ValueError)
+        known = (CommandError, AdapterFileError, FileExistsError, FileNotFoundError, PermissionError, ValueError,
+                 OutputWriteError)
         message = _one_line(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {_one_line(exc)}"
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_FAILED

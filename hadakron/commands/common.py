@@ -3,6 +3,7 @@ the output/family/force/quiet options, the output checks and the closing report.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -45,14 +46,26 @@ def add_common_arguments(p: argparse.ArgumentParser, *, family_help: str) -> Non
 
 
 def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
-    """Refuse an existing output without --force, a missing folder, or an output that is one of the inputs."""
+    """Refuse, before any work: a NUL byte in any path, an output name the file system cannot hold, an output that
+    is a folder, an existing output without --force, a missing folder, or an output that is one of the inputs
+    (the same path, or the same file through a symlink or hard link: writing it would replace an input)."""
+    from hadakron.io.writer import OutputWriteError, check_output_path, same_file
+
+    for p in [out, *inputs]:
+        if "\0" in str(p):
+            raise CommandError(f"{str(p)!r}: the path holds a NUL byte; give a plain file name")
+    try:
+        check_output_path(out)
+    except OutputWriteError as exc:
+        raise CommandError(str(exc)) from None
     if out.exists() and not force:
         raise CommandError(f"{out}: already exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise CommandError(f"{out}: folder {out.parent} does not exist")
     for p in inputs:
-        if p.exists() and out.exists() and out.resolve() == p.resolve():
-            raise CommandError(f"{out}: is also an input; write to another file")
+        if same_file(p, out):
+            how = "" if Path(os.path.abspath(p)) == Path(os.path.abspath(out)) else " (through a link or another spelling)"
+            raise CommandError(f"{out}: is also the input {p}{how}; write to another file")
 
 
 def print_report(args: argparse.Namespace, lines: Iterable[str]) -> None:

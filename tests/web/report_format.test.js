@@ -3,7 +3,8 @@ import test from "node:test";
 import assert from "node:assert/strict";
 
 import {
-  blockCompare, formatReport, matchedByPart, naturalCompare, reportText, truncate, unmatchedEntries,
+  blockCompare, blocksText, breakPieces, formatReport, matchedByPart, naturalCompare, reportBlocks, reportText, textBlocks,
+  truncate, unmatchedEntries,
 } from "../../web/lib/report_format.js";
 
 // Shape of hadakron/load_report.py LoadReport.to_dict() (produced by the real function for a small case).
@@ -157,4 +158,49 @@ test("formatReport: the loader's zero-strength note becomes the headline", () =>
   const f = formatReport({ source: "a.safetensors", matched_count: 0, patches_added: 0, note: text });
   assert.equal(f.headline, text);
   assert.deepEqual(f.summary, [`note: ${text}`, "file: a.safetensors", "patches added: 0"]);
+});
+
+test("breakPieces: breaks after key punctuation, never inside a word or a number", () => {
+  assert.deepEqual(breakPieces("lora_unet_input_blocks.4.1"), ["lora_", "unet_", "input_", "blocks.", "4.1"]);
+  assert.deepEqual(breakPieces("error 4.361e-01, rank 0.5"), ["error 4.361e-01, rank 0.5"]);
+  assert.deepEqual(breakPieces("a/b=c:(d"), ["a/", "b=", "c:", "(", "d"]);
+  assert.deepEqual(breakPieces(""), [""]);
+  for (const t of ["applied", "lora_te2_text_model_encoder_layers_0_mlp_fc1: te2 not loaded", "x.y.z"]) {
+    assert.equal(breakPieces(t).join(""), t);
+    for (const piece of breakPieces(t).slice(0, -1)) assert.match(piece, /[_/\\,;:=|(\[.]$/, piece);
+  }
+});
+
+test("reportBlocks: headline first, summary lines, titled blocks with counts, long lists collapsed", () => {
+  const r = reportBlocks(REPORT, { collapseAfter: 2 });
+  assert.equal(r.headline, "SDXL \u00b7 13/16 applied \u00b7 3 not applied \u00b7 1 warning");
+  assert.ok(r.lines.some((l) => l.startsWith("file: x.safetensors")));
+  assert.deepEqual(r.warnings, ["alpha of lora_unet_x is NaN"]);
+  assert.deepEqual(r.blocks.map((b) => b.kind), ["matched", "unmatched", "metadata"]);
+  assert.equal(r.blocks[0].title, "applied per part / block (13 modules)");
+  assert.equal(r.blocks[0].open, true, "the per-block list stays open up to 12 lines");
+  assert.match(r.blocks[1].title, /^not applied \(3: unknown module 1, shape mismatch 1, part not loaded 1\)$/);
+  assert.equal(r.blocks[1].open, false, "3 > collapseAfter 2: collapsed, the title holds the count");
+  assert.equal(r.blocks[2].open, false, "metadata starts collapsed");
+  assert.equal(r.blocks[2].title, `training metadata (${r.blocks[2].lines.length})`);
+  const text = blocksText(r);
+  assert.ok(text.startsWith(r.headline + "\n"));
+  assert.ok(text.includes("  lora_unet_bogus_layer: not a SDXL layer name in any known key layout"));
+});
+
+test("textBlocks: first line is the headline, indented details become a block per heading", () => {
+  const text = ["wrote loras/combined.safetensors", "794 LoRA modules (kohya layout), rank 8..64: exact (no truncation)",
+    "a.safetensors @ 1: 790 modules applied, 4 not applied", ...[1, 2, 3, 4].map((i) => `  not applied m${i}: reason`),
+    "790 weights merged"].join("\n");
+  const r = textBlocks(text, { collapseAfter: 3 });
+  assert.equal(r.headline, "wrote loras/combined.safetensors");
+  assert.deepEqual(r.lines, ["794 LoRA modules (kohya layout), rank 8..64: exact (no truncation)"]);
+  assert.equal(r.blocks.length, 2);
+  assert.deepEqual(r.blocks[0], { title: "a.safetensors @ 1: 790 modules applied, 4 not applied (4)",
+    lines: ["not applied m1: reason", "not applied m2: reason", "not applied m3: reason", "not applied m4: reason"],
+    open: false, kind: "text" });
+  assert.deepEqual(r.blocks[1], { title: "790 weights merged", lines: [], open: true, kind: "line" });
+  const short = textBlocks("saved x\n  detail");
+  assert.deepEqual(short.blocks, [{ title: "details (1)", lines: ["detail"], open: true, kind: "text" }]);
+  assert.equal(blocksText(textBlocks("one line")), "one line");
 });

@@ -245,3 +245,112 @@ export function reportText(f) {
   if (f.warnings.length) out.push("file warnings:", ...f.warnings.map((l) => "  " + l));
   return out.join("\n");
 }
+
+// ------------------------------------------------------------------ readable blocks (loader, merge, combine)
+
+/** Lists longer than this many lines start collapsed (their title says how many). */
+export const COLLAPSE_AFTER = 8;
+
+/**
+ * Splits text into pieces between which a line may break: after `_ / \ , ; : = | ( [` and after a `.` that is not
+ * between two digits (so `4.361e-01` and `0.5` stay whole; `input_blocks.4` may break after `blocks.`). Spaces break
+ * by themselves. The extension puts a <wbr> between the pieces and styles the text with `word-break: normal`, so
+ * long keys wrap at their punctuation and never inside a word or number.
+ * @param {string} text
+ * @returns {string[]} pieces whose concatenation is text
+ */
+export function breakPieces(text) {
+  const s = String(text);
+  const out = [];
+  let start = 0;
+  for (let i = 0; i < s.length - 1; i++) {
+    const c = s[i];
+    let after = "_/\\,;:=|([".includes(c);
+    if (c === ".") after = !(/\d/.test(s[i - 1] ?? "") && /\d/.test(s[i + 1]));
+    if (after && s[i + 1] !== " ") {
+      out.push(s.slice(start, i + 1));
+      start = i + 1;
+    }
+  }
+  out.push(s.slice(start));
+  return out;
+}
+
+/**
+ * @typedef {{title: string, lines: string[], open: boolean, kind: string}} ReportBlock
+ *   a titled section; `open` false: collapsed, the title ends with the line count
+ */
+
+function block(title, lines, kind, openWhenShort = true, collapseAfter = COLLAPSE_AFTER) {
+  const collapsed = !openWhenShort || lines.length > collapseAfter;
+  return { title: `${title} (${lines.length})`, lines, open: !collapsed, kind };
+}
+
+/**
+ * The loader's report as a headline and titled blocks, in reading order: summary lines (no title), warnings,
+ * applied per part / block, not applied, training metadata. Long lists start collapsed.
+ * @param {object} report LoadReport.to_dict()
+ * @param {{collapseAfter?: number}} [opts]
+ * @returns {{headline: string, lines: string[], warnings: string[], blocks: ReportBlock[]}}
+ */
+export function reportBlocks(report, opts = {}) {
+  const { collapseAfter = COLLAPSE_AFTER } = opts;
+  const f = formatReport(report, { collapseAfter });
+  const blocks = [];
+  if (f.matched.length) {
+    const b = block("applied per part / block", f.matched, "matched", true, Math.max(collapseAfter, 12));
+    b.title = `applied per part / block (${f.matchedTotal} modules)`;
+    blocks.push(b);
+  }
+  if (f.unmatched.length) {
+    const b = block("not applied", f.unmatched, "unmatched", true, collapseAfter);
+    if (f.unmatchedKinds) b.title = `not applied (${f.unmatched.length}: ${f.unmatchedKinds})`;
+    blocks.push(b);
+  }
+  if (f.metadata.length) blocks.push(block("training metadata", f.metadata, "metadata", false));
+  return { headline: f.headline, lines: f.summary, warnings: f.warnings, blocks };
+}
+
+/**
+ * A text result (Adapter Merge, Adapter Combine, Save Adapter) as a headline and blocks: the first line is the
+ * headline; every later line that is not indented starts a line of its own, and the indented lines under it (the
+ * per-module details) become its block, collapsed with a count when long.
+ * @param {string} text
+ * @param {{collapseAfter?: number}} [opts]
+ * @returns {{headline: string, lines: string[], warnings: string[], blocks: ReportBlock[]}}
+ */
+export function textBlocks(text, opts = {}) {
+  const { collapseAfter = COLLAPSE_AFTER } = opts;
+  const all = String(text ?? "").replace(/\s+$/, "").split(/\r?\n/);
+  const headline = all[0] ?? "";
+  /** @type {{head: string, items: string[]}[]} */
+  const groups = [];
+  for (const line of all.slice(1)) {
+    if (/^\s/.test(line) && groups.length) groups[groups.length - 1].items.push(line.trim());
+    else if (/^\s/.test(line)) groups.push({ head: "", items: [line.trim()] });
+    else groups.push({ head: line, items: [] });
+  }
+  const lines = [];
+  const blocks = [];
+  // a headline's own indented details (text whose first line has children) go in a block titled "details"
+  for (const g of groups) {
+    if (!g.items.length) {
+      if (blocks.length) blocks.push({ title: g.head, lines: [], open: true, kind: "line" });
+      else lines.push(g.head);
+      continue;
+    }
+    const b = block(g.head || "details", g.items, "text", true, collapseAfter);
+    blocks.push(b);
+  }
+  return { headline, lines, warnings: [], blocks };
+}
+
+/** A report's blocks as plain text (what the node shows, for copying and for the tests). */
+export function blocksText(r) {
+  const out = [r.headline, ...r.lines, ...r.warnings];
+  for (const b of r.blocks) {
+    out.push(b.kind === "line" ? b.title : b.title + ":");
+    out.push(...b.lines.map((l) => "  " + l));
+  }
+  return out.join("\n");
+}

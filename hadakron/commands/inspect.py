@@ -3,22 +3,26 @@
 The JSON form is a stable contract: `file`, `size_bytes`, `family`, `layout`, `modules`, `parts`,
 `algorithms`, `ranks`, `factors`, `tucker`, `dora`, `params`, `dtypes`, `metadata`, `problems`
 (plus `unmatched_modules` and `detection`).
+
+No torch: the header is read by hand (`io.safetensors_header`), the checks run on (dtype, shape) specs
+(`io.module_specs`, the same checks `read_adapter` runs on loaded tensors), alpha values are decoded from their
+bytes and the NaN/Inf scan memory-maps the file with numpy (`io.header_values`). Only a PEFT adapter whose
+`adapter_config.json` (or embedded config) sets its scale goes through `read_adapter` (torch), which applies it.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import Counter
+from pathlib import Path
 from typing import Mapping
-
-import torch
 
 from hadakron.arch import detect_family, get_family
 from hadakron.commands.common import human_size
-from hadakron.io import AdapterFile, read_adapter
-from hadakron.io.module_checks import algorithm_guess
-from hadakron.ops import module_factors, module_rank
+from hadakron.io import module_specs
+from hadakron.io.module_specs import Specs, TensorSpec, algorithm_guess, group_modules
+from hadakron.io.safetensors_header import TORCH_NAMES
+from hadakron.ops import shape_rules
 
 PARTS = ("unet", "te1", "te2", "te")
 
@@ -36,12 +40,60 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Read the file, print the report; 0 when it could be read (problems are reported, not fatal)."""
-    report = describe(read_adapter(args.file))
+    report = inspect_file(args.file)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         print(format_report(report, all_metadata=args.all_metadata))
     return 0
+
+
+# ------------------------------------------------------------------ reading (no torch)
+
+
+def _has_peft_config(path: Path, metadata: Mapping[str, str]) -> bool:
+    """A PEFT config beside the file or embedded in it (`io.peft_config` applies it, with torch)."""
+    return bool(metadata.get("lora_adapter_metadata")) or (path.parent / "adapter_config.json").is_file()
+
+
+def inspect_file(path: str | Path) -> dict:
+    """The inspect report of a file, read without torch (the same report as `describe(read_adapter(path))`)."""
+    from hadakron.io import header_values
+    from hadakron.io.safetensors_header import read_header
+
+    path = Path(path)
+    header = read_header(path)
+    module_specs.require_adapter_keys(path, [e.name for e in header.entries])
+    if _has_peft_config(path, header.metadata):
+        from hadakron.io import read_adapter
+        return describe(read_adapter(path))
+    entries = sorted(header.entries, key=lambda e: e.name)
+    alpha_entries = [e for e in entries if module_specs.split_key(e.name)[1] == "alpha"]
+    values = header_values.read_scalars(path, header, alpha_entries)
+    tensors = {e.name: TensorSpec(e.dtype, e.shape, values.get(e.name)) for e in entries}
+    modules = group_modules(tensors)
+    counts = header_values.nonfinite_counts(path, header)
+    nonfinite: dict[str, dict[str, tuple[int, int]]] = {}
+    for key in tensors:
+        if key in counts:
+            module, param = module_specs.split_key(key)
+            nonfinite.setdefault(module, {})[param] = counts[key]
+    problems = module_specs.nonfinite_problems(modules, nonfinite)
+    for module, specs in modules.items():
+        problems += module_specs.module_problems(module, specs)
+    warning = module_specs.both_full_alpha_warning(modules, header.metadata)
+    if warning:
+        problems.append(warning)
+    return describe_specs(path, path.stat().st_size, tensors, modules, header.metadata, problems)
+
+
+def describe(adapter) -> dict:
+    """The inspect report of an `AdapterFile` already read with torch (`read_adapter`, or one in memory)."""
+    from hadakron.io.module_checks import spec_of
+
+    tensors = {k: spec_of(t) for k, t in adapter.tensors.items()}
+    modules = {m: {p: spec_of(t) for p, t in params.items()} for m, params in adapter.modules.items()}
+    return describe_specs(adapter.path, adapter.size_bytes, tensors, modules, adapter.metadata, adapter.problems)
 
 
 # ------------------------------------------------------------------ family / layout detection
@@ -56,28 +108,27 @@ def detect_layout(keys: list[str], module_keys: list[str]) -> dict:
             "unmatched": unmatched, "reasons": [str(r) for r in result.reasons]}
 
 
-def layer_shape_problems(adapter: AdapterFile, family: str | None, matched: Mapping[str, tuple[str, str]]) -> list[str]:
+def layer_shape_problems(modules: Mapping[str, Specs], family: str | None,
+                         matched: Mapping[str, tuple[str, str]]) -> list[str]:
     """Modules whose delta-W does not fit the family's layer (an adapter for another model, or a bad file)."""
     if family is None:
         return []
     fam = get_family(family)
     problems = []
     for mk, (part, dotted) in matched.items():
-        params = adapter.modules.get(mk)
+        specs = modules.get(mk)
         layer = fam.layer_shapes(part).get(dotted)
-        if params is None or layer is None:
+        if specs is None or layer is None:
             continue
         try:
-            algo, factors = module_factors(dict(params))
+            flat = shape_rules.delta_flat(module_specs.shapes(specs))
         except ValueError:
-            continue  # already reported by read_adapter
-        if algo == "lokr":
-            out, cols = factors[0].rows * factors[1].rows, factors[0].cols * factors[1].cols
-        else:
-            out, cols = factors[0].rows, factors[0].cols
-        want_cols = math.prod(layer[1:])
-        if (out, cols) != (layer[0], want_cols):
-            problems.append(f"{mk}: delta-W is {out}x{cols} but {fam.title} {part} layer {dotted} is "
+            continue  # already reported as a module problem
+        want_cols = 1
+        for d in layer[1:]:
+            want_cols *= d
+        if flat != (layer[0], want_cols):
+            problems.append(f"{mk}: delta-W is {flat[0]}x{flat[1]} but {fam.title} {part} layer {dotted} is "
                             f"{'x'.join(map(str, layer))} ({layer[0]}x{want_cols} flattened)")
     return problems
 
@@ -85,21 +136,23 @@ def layer_shape_problems(adapter: AdapterFile, family: str | None, matched: Mapp
 # ------------------------------------------------------------------ per-module facts
 
 
-def _module_rank(algo: str | None, params: Mapping[str, torch.Tensor]) -> int | None:
-    """The rank the scale divides by (`hadakron.ops.module_rank`); None for full LoKr or broken modules."""
+def _module_rank(algo: str | None, specs: Specs) -> int | None:
+    """The rank the scale divides by (`shape_rules.module_rank`); None for full LoKr or broken modules."""
     if algo not in ("loha", "lokr", "lora"):
         return None
     try:
-        return module_rank(dict(params))
+        return shape_rules.module_rank(module_specs.shapes(specs))
     except (KeyError, ValueError, IndexError):
         return None  # already reported as a module problem
 
 
-def _lokr_w1_shape(params: Mapping[str, torch.Tensor]) -> str | None:
-    if "lokr_w1" in params:
-        return "x".join(str(d) for d in params["lokr_w1"].shape)
-    if "lokr_w1_a" in params and "lokr_w1_b" in params:
-        return f"{params['lokr_w1_a'].shape[0]}x{params['lokr_w1_b'].shape[-1]}"
+def _lokr_w1_shape(specs: Specs) -> str | None:
+    if "lokr_w1" in specs:
+        return "x".join(str(d) for d in specs["lokr_w1"].shape)
+    if "lokr_w1_a" in specs and "lokr_w1_b" in specs:
+        a, b = specs["lokr_w1_a"].shape, specs["lokr_w1_b"].shape
+        if a and b:
+            return f"{a[0]}x{b[-1]}"
     return None
 
 
@@ -109,28 +162,30 @@ def _sorted_hist(counter: Counter) -> dict[str, int]:
     return {str(k): counter[k] for k in sorted(counter, key=order)}
 
 
-def describe(adapter: AdapterFile) -> dict:
-    """The inspect report (the JSON contract) for a file that has been read."""
-    module_keys = list(adapter.modules)
-    detection = detect_layout(list(adapter.tensors), module_keys)
+def describe_specs(path: Path | None, size_bytes: int, tensors: Mapping[str, TensorSpec],
+                   modules: Mapping[str, Specs], metadata: Mapping[str, str], file_problems: list[str]) -> dict:
+    """The inspect report (the JSON contract) from the file's tensor specs, grouped modules, metadata and the
+    problems the module checks found."""
+    module_keys = list(modules)
+    detection = detect_layout(list(tensors), module_keys)
     algorithms: Counter[str] = Counter()
     ranks: Counter = Counter()
     factors: Counter[str] = Counter()
     tucker = dora = 0
-    for params in adapter.modules.values():
-        algo = algorithm_guess({p: None for p in params if p not in ("alpha", "dora_scale")})
+    for specs in modules.values():
+        algo = algorithm_guess({p: None for p in specs if p not in ("alpha", "dora_scale")})
         algorithms[algo or "unknown"] += 1
-        rank = _module_rank(algo, params)
+        rank = _module_rank(algo, specs)
         ranks[rank if rank is not None else ("full" if algo == "lokr" else "none")] += 1
         if algo == "lokr":
-            w1 = _lokr_w1_shape(params)
+            w1 = _lokr_w1_shape(specs)
             if w1:
                 factors[w1] += 1
-        tucker += any(p in params for p in ("hada_t1", "hada_t2", "lokr_t1", "lokr_t2", "lora_mid.weight"))
-        dora += "dora_scale" in params
-    dtypes = Counter(str(t.dtype).replace("torch.", "") for t in adapter.tensors.values())
-    problems = list(adapter.problems)
-    problems += layer_shape_problems(adapter, detection["family"], detection["matched"])
+        tucker += any(p in specs for p in ("hada_t1", "hada_t2", "lokr_t1", "lokr_t2", "lora_mid.weight"))
+        dora += "dora_scale" in specs
+    dtypes = Counter(TORCH_NAMES.get(t.dtype, t.dtype) for t in tensors.values())
+    problems = list(file_problems)
+    problems += layer_shape_problems(modules, detection["family"], detection["matched"])
     if detection["unmatched"]:
         shown = ", ".join(detection["unmatched"][:5])
         more = f" and {len(detection['unmatched']) - 5} more" if len(detection["unmatched"]) > 5 else ""
@@ -139,8 +194,8 @@ def describe(adapter: AdapterFile) -> dict:
     if detection["family"] is None:
         problems.append("model family not recognised (expected SDXL or Anima module names)")
     return {
-        "file": str(adapter.path),
-        "size_bytes": adapter.size_bytes,
+        "file": str(path),
+        "size_bytes": size_bytes,
         "family": detection["family"],
         "layout": detection["layout"],
         "modules": len(module_keys),
@@ -152,10 +207,10 @@ def describe(adapter: AdapterFile) -> dict:
         "factors": _sorted_hist(factors),
         "tucker": tucker,
         "dora": dora,
-        "params": sum(t.numel() for t in adapter.tensors.values()),
-        "tensors": len(adapter.tensors),
+        "params": sum(t.numel for t in tensors.values()),
+        "tensors": len(tensors),
         "dtypes": dict(dtypes.most_common()),
-        "metadata": dict(adapter.metadata),
+        "metadata": dict(metadata),
         "problems": problems,
         "detection": detection["reasons"],
     }

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 from hadakron.arch.layouts import split_key as arch_split_key
+from hadakron.io.errors import AdapterFileError
 from hadakron.io.safetensors_header import FLOAT_DTYPES, INTEGER_DTYPES
 from hadakron.ops import shape_rules
 from hadakron.ops.shape_rules import PARAM_NAMES
@@ -76,6 +78,22 @@ def algorithm_guess(params: Mapping[str, object]) -> str | None:
 def shapes(specs: Specs) -> dict[str, tuple[int, ...]]:
     """{param: shape} for `hadakron.ops.shape_rules`."""
     return {p: s.shape for p, s in specs.items()}
+
+
+def require_adapter_keys(path: Path, keys: list[str]) -> None:
+    """Refuse (before loading gigabytes) a file none of whose keys is an adapter tensor, e.g. a checkpoint."""
+    if not keys:
+        return
+    for key in keys:
+        try:
+            arch_split_key(key)
+            return
+        except ValueError:
+            continue
+    raise AdapterFileError(path, "not an adapter file (a model checkpoint?)",
+                           expected="keys ending in adapter tensor names such as .hada_w1_a, .lokr_w1, "
+                                    ".lora_up.weight, .alpha",
+                           found=f"{len(keys)} tensors such as {sorted(keys)[0]!r}")
 
 
 # ---------------------------------------------------------------------------------------------- the checks

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from hadakron.arch import split_key as arch_split_key
 from hadakron.io.errors import AdapterFileError
 from hadakron.io import module_specs
 from hadakron.io.module_checks import NonfiniteTensors, group_modules, nonfinite_problems, nonfinite_tensors, specs_of
@@ -48,7 +47,7 @@ def read_adapter(path: str | Path, *, device: str | torch.device = "cpu") -> Ada
     """Read a safetensors adapter file; raise `AdapterFileError` when it is unreadable, collect warnings in `problems`."""
     path = Path(path)
     header = read_header(path)
-    _require_adapter_keys(path, [e.name for e in header.entries])
+    module_specs.require_adapter_keys(path, [e.name for e in header.entries])
     tensors = _load_tensors(path, header.entries, device)
     modules = group_modules(tensors)
     # PEFT keeps the scale in adapter_config.json beside the file; written into the modules here, once
@@ -63,22 +62,6 @@ def read_adapter(path: str | Path, *, device: str | torch.device = "cpu") -> Ada
         problems.append(warning)
     return AdapterFile(path=path, tensors=tensors, metadata=header.metadata, modules=modules, problems=problems,
                        nonfinite=nonfinite)
-
-
-def _require_adapter_keys(path: Path, keys: list[str]) -> None:
-    """Refuse (before loading gigabytes) a file none of whose keys is an adapter tensor, e.g. a checkpoint."""
-    if not keys:
-        return
-    for key in keys:
-        try:
-            arch_split_key(key)
-            return
-        except ValueError:
-            continue
-    raise AdapterFileError(path, "not an adapter file (a model checkpoint?)",
-                           expected="keys ending in adapter tensor names such as .hada_w1_a, .lokr_w1, "
-                                    ".lora_up.weight, .alpha",
-                           found=f"{len(keys)} tensors such as {sorted(keys)[0]!r}")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

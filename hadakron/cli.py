@@ -58,10 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         from hadakron.commands import CommandError
         from hadakron.io import AdapterFileError
-        from hadakron.io.writer import OutputWriteError
+        writer = sys.modules.get("hadakron.io.writer")  # only loaded (with torch) when something was written
+        write_error = getattr(writer, "OutputWriteError", None)
 
         known = (CommandError, AdapterFileError, FileExistsError, FileNotFoundError, PermissionError, ValueError,
-                 OutputWriteError)
+                 *((write_error,) if write_error is not None else ()))
         message = _one_line(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {_one_line(exc)}"
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_FAILED

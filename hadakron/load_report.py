@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from hadakron.arch import get_family, parse_module_key, parse_module_keys
-from hadakron.io.module_checks import NonfiniteTensors, nonfinite_applied, nonfinite_tensors
+from hadakron.io import module_specs
+from hadakron.io.module_checks import NonfiniteTensors, nonfinite_applied, nonfinite_tensors, refusal, specs_of
 from hadakron.ops import algorithm_of, alpha_of, module_rank, module_scale, natural_shape
 
 Params = Mapping[str, torch.Tensor]
@@ -315,6 +316,10 @@ def build_load_report(
             unmatched.append(UnmatchedKey(module_key, "not_in_model",
                                           f"{part} layer '{dotted}' does not exist in this model"))
             continue
+        why = refusal(params)  # the module checks inspect runs: bad dtypes, shapes, alpha (module_specs)
+        if why:
+            unmatched.append(UnmatchedKey(module_key, "bad_tensors", f"refused: {why}"))
+            continue
         try:
             flat = delta_shape(params)
         except ValueError as exc:
@@ -325,6 +330,10 @@ def build_load_report(
                 module_key, "shape_mismatch",
                 f"delta-W is {list(flat)} but {part} '{dotted}' weight is {list(shape)}",
                 expected=tuple(shape), found=tuple(flat)))
+            continue
+        why = refusal(params, tuple(shape))  # dora_scale against the real weight
+        if why:
+            unmatched.append(UnmatchedKey(module_key, "bad_tensors", f"refused: {why}"))
             continue
         bad = nonfinite_applied(params, nonfinite.get(module_key))
         if bad:
@@ -338,8 +347,21 @@ def build_load_report(
             layout=layout, shape=tuple(shape), rank=module_rank(params), alpha=alpha_of(params),
             scale=module_scale(params), params=params))
     return LoadReport(source=source, family=family, file_family=file_family, layouts=layouts, matched=matched,
-                      unmatched=unmatched, problems=list(problems or []), training=training_metadata(metadata),
-                      loaded_parts=loaded)
+                      unmatched=unmatched, problems=_with_alpha_warnings(problems, matched, metadata),
+                      training=training_metadata(metadata), loaded_parts=loaded)
+
+
+def _with_alpha_warnings(problems: list[str] | None, matched: list[MatchedModule],
+                         metadata: Mapping[str, str]) -> list[str]:
+    """The file's warnings plus, when the caller did not pass them, the ones about applied modules' alphas: a
+    stored 0 (ComfyUI's reading, scale 0, is applied) and both-full LoKr alphas (scale 1.0 applied, ComfyUI #15114)."""
+    out = list(problems or [])
+    specs = {m.module_key: specs_of(m.params) for m in matched}
+    extra = [p for m, s in specs.items() if "alpha" in s
+             for p in module_specs.alpha_problems(m, s["alpha"], used=module_specs.shape_rules.module_rank(
+                 module_specs.shapes(s)) is not None)]
+    warning = module_specs.both_full_alpha_warning(specs, metadata)
+    return out + [p for p in extra + ([warning] if warning else []) if p not in out]
 
 
 _TE_PARTS = ("te", "te1", "te2")

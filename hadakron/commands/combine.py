@@ -35,26 +35,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_layout_argument(p, "--layout", "key layout of the output (default kohya)", default="kohya")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype of the output (default fp32)")
     add_common_arguments(p, family_help="read adapter keys as this family (default: detect)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip broken modules (non-float factors, bad shapes, non-scalar or negative alpha, ...) and "
+                        "list them, instead of failing")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Combine, write, print the report; 0 when the output was written."""
-    import torch
-
     from hadakron.commands import CommandError
-    from hadakron.io import read_adapter
-    from hadakron.merge import combine
-    from hadakron.merge.progress import progress_bar
+    from hadakron.io.safetensors_header import read_header
 
     if args.rank is not None and args.rank < 1:
         raise CommandError(f"--rank must be at least 1, found {args.rank}")
     check_output(args.output, args.force, [p for p, _ in args.adapters])
+    for path, _ in args.adapters:  # unreadable inputs fail here, before torch is imported
+        read_header(path)
+    import torch
+
+    from hadakron.io import read_adapter
+    from hadakron.merge import combine
+    from hadakron.merge.progress import progress_bar
+
     adapters = [(read_adapter(path), strength) for path, strength in args.adapters]
     total = len({k for a, _ in adapters for k in a.modules})
     with progress_bar(total, "combining", unit="module", enabled=None if not args.quiet else False) as advance:
         result = combine(adapters, rank=args.rank, layout=args.layout, dtype=getattr(torch, DTYPES[args.dtype]),
-                         family=args.family, on_module=lambda _: advance(1))
+                         family=args.family, on_module=lambda _: advance(1), skip_bad=args.skip_bad)
     result.write(args.output, overwrite=args.force)
     print_report(args, result.lines())
     return 0

@@ -35,31 +35,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_layout_argument(p, "--lora-layout", "with --to-lora: key layout of the output (default: the input's own)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="with --to-lora: tensor dtype (default fp32)")
     add_common_arguments(p, family_help="read keys as this family (default: detect)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip broken modules (non-float factors, bad shapes, non-scalar or negative alpha, ...) and "
+                        "list them, instead of failing")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Convert and write; 0 when the output was written."""
-    import torch
-
     from hadakron.commands import CommandError
-    from hadakron.io import read_adapter
-    from hadakron.merge import convert_layout, to_lora
+    from hadakron.io.safetensors_header import read_header
 
     if args.rank is not None and not args.to_lora:
         raise CommandError("--rank applies only with --to-lora")
     if args.rank is not None and args.rank < 1:
         raise CommandError(f"--rank must be at least 1, found {args.rank}")
     check_output(args.output, args.force, [args.input])
+    read_header(args.input)  # an unreadable input fails here, before torch is imported
+    import torch
+
+    from hadakron.io import read_adapter
+    from hadakron.merge import convert_layout, to_lora
+
     adapter = read_adapter(args.input)
     if args.to_lora:
         result = to_lora(adapter, rank=args.rank, layout=args.lora_layout, dtype=getattr(torch, DTYPES[args.dtype]),
-                         family=args.family)
+                         family=args.family, skip_bad=args.skip_bad)
         lines = result.lines()
     else:
-        result = convert_layout(adapter, args.layout, family=args.family)
+        result = convert_layout(adapter, args.layout, family=args.family, skip_bad=args.skip_bad)
         lines = [f"{len(result.tensors)} tensors renamed: {result.source_layout or 'unknown'} -> {result.layout} layout "
-                 f"(values unchanged)"]
+                 f"(values unchanged)"] + [f"  skipped broken module {key}: {why}" for key, why in result.skipped]
     result.write(args.output, overwrite=args.force)
     print_report(args, lines)
     return 0

@@ -35,27 +35,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="adapter file, optionally with a strength after a colon (default 1.0; negative subtracts)")
     p.add_argument("-o", "--output", type=Path, required=True, help="checkpoint file to write")
     add_common_arguments(p, family_help="read adapter keys as this family (default: detect)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip broken modules (non-float factors, bad shapes, non-scalar or negative alpha, ...) and "
+                        "list them, instead of failing")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Bake, print the report; 0 when the output was written."""
-    from hadakron.io import read_adapter
-    from hadakron.io.safetensors_format import read_header
-    from hadakron.merge import bake_checkpoint
-    from hadakron.merge.progress import progress_bar
+    from hadakron.io.safetensors_header import read_header
 
     if not args.base.is_file():
         raise CommandError(f"{args.base}: no such checkpoint file")
     check_output(args.output, args.force, [args.base] + [p for p, _ in args.adapters])
+    for path, _ in args.adapters:  # unreadable inputs fail here, before torch is imported
+        read_header(path)
+    total = sum(e.end - e.begin for e in read_header(args.base).entries)
+    from hadakron.io import read_adapter
+    from hadakron.merge import bake_checkpoint
+    from hadakron.merge.progress import progress_bar
+
     adapters = [(read_adapter(path), strength) for path, strength in args.adapters]
     for adapter, _ in adapters:
         for problem in adapter.problems[:5]:
             if not args.quiet:
                 print(f"warning: {adapter.path.name}: {problem}")
-    total = sum(e.end - e.begin for e in read_header(args.base).entries)
     with progress_bar(total, "baking", unit="B", enabled=None if not args.quiet else False) as advance:
         report = bake_checkpoint(args.base, adapters, args.output, overwrite=args.force, family=args.family,
-                                 on_tensor=lambda e: advance(e.end - e.begin))
+                                 on_tensor=lambda e: advance(e.end - e.begin), skip_bad=args.skip_bad)
     print_report(args, report.lines())
     return 0

@@ -18,7 +18,7 @@ from hadakron.io import AdapterFile
 from hadakron.io.safetensors_format import TensorEntry, read_header
 from hadakron.merge.checkpoint_stream import IN_FLIGHT, rewrite_checkpoint
 from hadakron.merge.checkpoint_targets import CheckpointIndex, WeightTarget, index_checkpoint
-from hadakron.merge.module_names import NamedModule, adapter_modules, adapter_name
+from hadakron.merge.module_names import NamedModule, adapter_modules, adapter_name, refused_message, target_refusal
 from hadakron.merge.accumulate import add_delta_, prepare
 
 BAKED_METADATA_KEY = "hadakron.baked_adapters"
@@ -44,6 +44,7 @@ class AdapterBakeReport:
     strength: float
     applied: list[str] = field(default_factory=list)
     unmatched: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # broken modules (also listed in unmatched)
 
 
 @dataclass
@@ -147,8 +148,12 @@ def baked_weight(weight: torch.Tensor, patches: Sequence[Patch], workspace: Work
 
 
 def plan_patches(index: CheckpointIndex, adapters: Sequence[tuple[AdapterFile, float]],
-                 family: str | None = None) -> tuple[dict[str, list[Patch]], list[AdapterBakeReport]]:
-    """Match every adapter module to a checkpoint weight: {tensor key: patches}, plus per-adapter reports."""
+                 family: str | None = None, weight_shapes: Mapping[str, tuple[int, ...]] | None = None
+                 ) -> tuple[dict[str, list[Patch]], list[AdapterBakeReport]]:
+    """Match every adapter module to a checkpoint weight: {tensor key: patches}, plus per-adapter reports.
+
+    Broken modules (`module_names.target_refusal`, against the weight's shape when `weight_shapes` is given) are
+    listed in the report's `refused` and `unmatched`, never patched."""
     if family is None and len(index.families) == 1:
         family = index.families[0]
     plan: dict[str, list[Patch]] = {}
@@ -160,12 +165,25 @@ def plan_patches(index: CheckpointIndex, adapters: Sequence[tuple[AdapterFile, f
             if target is None:
                 report.unmatched.append((m.label, reason))
                 continue
+            why = target_refusal(m, _region_shape(target, weight_shapes[target.key])
+                                 if weight_shapes is not None and target.key in weight_shapes else None)
+            if why:
+                report.unmatched.append((m.label, f"refused: {why}"))
+                report.refused.append((m.label, why))
+                continue
             label = f"{adapter_name(adapter)}: {m.file_key} -> {target.key}" + (
                 f"[{target.rows[0]}:{target.rows[1]}]" if target.rows else "")
             plan.setdefault(target.key, []).append(Patch(target.rows, target.transposed, m.params, float(strength), label))
             report.applied.append(m.label)
         reports.append(report)
     return plan, reports
+
+
+def _region_shape(target: WeightTarget, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a patch of `target` adds into: its row block, transposed when the file stores it transposed."""
+    if target.rows is not None:
+        shape = (target.rows[1] - target.rows[0],) + tuple(shape[1:])
+    return (shape[1], shape[0]) + tuple(shape[2:]) if target.transposed and len(shape) >= 2 else tuple(shape)
 
 
 def _match(index: CheckpointIndex, m: NamedModule) -> tuple[str, WeightTarget | None]:
@@ -208,11 +226,12 @@ def baked_metadata(base_metadata: Mapping[str, str], reports: Sequence[AdapterBa
 
 def bake_checkpoint(base_path: str | Path, adapters: Sequence[tuple[AdapterFile, float]], out_path: str | Path, *,
                     overwrite: bool = False, family: str | None = None,
-                    on_tensor: Callable[[TensorEntry], None] | None = None) -> BakeReport:
+                    on_tensor: Callable[[TensorEntry], None] | None = None, skip_bad: bool = False) -> BakeReport:
     """Write `out_path` = `base_path` with each adapter baked in at its strength; report what matched.
 
     `base_path` is a safetensors SDXL single-file checkpoint, an Anima diffusion-model file (bare, `net.` or
-    `model.diffusion_model.` prefix) or a Qwen3 text-encoder file. Raises ValueError when no module matches.
+    `model.diffusion_model.` prefix) or a Qwen3 text-encoder file. Raises ValueError when no module matches, and,
+    unless `skip_bad`, before writing anything when a module is broken (bad dtypes, shapes, alpha; named).
     """
     start = time.perf_counter()
     base, out = Path(base_path), Path(out_path)
@@ -222,7 +241,11 @@ def bake_checkpoint(base_path: str | Path, adapters: Sequence[tuple[AdapterFile,
         raise ValueError(f"{base}: no SDXL, Anima DiT or Qwen3 weights recognised (expected keys such as "
                          f"'model.diffusion_model.input_blocks.0.0.weight', 'blocks.0.mlp.layer1.weight' or "
                          f"'model.layers.0.self_attn.q_norm.weight'); found e.g. {header.entries[0].name if header.entries else 'no tensors'!r}")
-    plan, reports = plan_patches(index, adapters, family)
+    plan, reports = plan_patches(index, adapters, family, {e.name: e.shape for e in header.entries})
+    if not skip_bad:
+        for r in reports:
+            if r.refused:
+                raise ValueError(refused_message(r.name, r.refused))
     if not plan:
         first = next((u for r in reports for u in r.unmatched), ("-", "no modules"))
         raise ValueError(f"{base}: none of the adapters' modules match a weight of this checkpoint "

@@ -19,7 +19,7 @@ import torch
 from hadakron.arch import file_key, get_family, module_key
 from hadakron.io import AdapterFile, build_metadata, with_hashes, write_adapter
 from hadakron.merge.low_rank import reduce_pair, stack_pairs
-from hadakron.merge.module_names import NamedModule, adapter_modules, adapter_name
+from hadakron.merge.module_names import NamedModule, adapter_modules, adapter_name, refused_message, target_refusal
 from hadakron.ops import lora_form, natural_shape
 
 
@@ -116,6 +116,10 @@ def lora_tensors(up: torch.Tensor, down: torch.Tensor, shape: Sequence[int]) -> 
             "alpha": torch.tensor(float(r))}
 
 
+REFUSED = "refused: "
+"""Prefix of a skipped module's reason when it is broken (not merely unsupported)."""
+
+
 def _group(adapters: Sequence[tuple[AdapterFile, float]], family: str | None
            ) -> tuple[dict[object, list[tuple[NamedModule, float, str]]], list[tuple[str, str]]]:
     groups: dict[object, list[tuple[NamedModule, float, str]]] = {}
@@ -133,6 +137,8 @@ def _group(adapters: Sequence[tuple[AdapterFile, float]], family: str | None
                                                         "the output layout"))
             elif m.nonfinite_reason:
                 skipped.append((f"{name}: {m.file_key}", m.nonfinite_reason))
+            elif (why := target_refusal(m)) is not None:
+                skipped.append((f"{name}: {m.file_key}", f"{REFUSED}{why}"))
             else:
                 groups.setdefault(m.canonical, []).append((m, float(strength), name))
     return groups, skipped
@@ -140,11 +146,17 @@ def _group(adapters: Sequence[tuple[AdapterFile, float]], family: str | None
 
 def combine(adapters: Sequence[tuple[AdapterFile, float]], *, rank: int | None = None, layout: str = "kohya",
             dtype: torch.dtype = torch.float32, family: str | None = None, title: str | None = None,
-            on_module: Callable[[str], None] | None = None) -> CombineResult:
-    """One LoRA whose delta-W is sum_i s_i * dW_i per layer: exact without `rank`, best rank-`rank` with it."""
+            on_module: Callable[[str], None] | None = None, skip_bad: bool = False) -> CombineResult:
+    """One LoRA whose delta-W is sum_i s_i * dW_i per layer: exact without `rank`, best rank-`rank` with it.
+
+    A broken module (bad dtypes, shapes or alpha, or a delta-W that does not fit its layer) raises ValueError naming
+    it, unless `skip_bad`: then it is skipped and listed in `skipped` with the reason."""
     if not adapters:
         raise ValueError("combine: no adapters given")
     groups, skipped = _group(adapters, family)
+    refused = [(label, why[len(REFUSED):]) for label, why in skipped if why.startswith(REFUSED)]
+    if refused and not skip_bad:
+        raise ValueError(refused_message("combine", refused))
     if not groups:
         first = skipped[0] if skipped else ("-", "no modules")
         raise ValueError(f"combine: no module could be combined (first: {first[0]}: {first[1]})")

@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 
 from hadakron.arch import detect_family, parse_module_key, parse_module_keys
-from hadakron.io.module_checks import nonfinite_applied
+from hadakron.io.module_checks import nonfinite_applied, refusal
 from hadakron.ops import algorithm_of
 
 Params = Mapping[str, torch.Tensor]
@@ -26,6 +26,7 @@ class NamedModule:
     algorithm: str | None
     params: Params
     nonfinite: tuple[str, ...] = ()  # tensors hadakron.ops applies that hold NaN/Inf: the module must not apply
+    refused: str | None = None  # why its tensors cannot be applied (io.module_specs.refusal: dtypes, shapes, alpha)
 
     @property
     def nonfinite_reason(self) -> str | None:
@@ -72,8 +73,27 @@ def name_modules(modules: Mapping[str, Params], family: str | None = None,
             parsed = parse_module_key(key)
         fam_k, part, dotted, layout = parsed if parsed is not None else (None, None, None, None)
         bad = tuple(nonfinite_applied(params, nonfinite.get(key))) if nonfinite else ()
-        named.append(NamedModule(key, fam_k, part, dotted, layout, algorithm_of(params), params, bad))
+        algorithm = algorithm_of(params)
+        named.append(NamedModule(key, fam_k, part, dotted, layout, algorithm, params, bad,
+                                 refusal(params) if algorithm is not None else None))
     return named
+
+
+def target_refusal(m: NamedModule, weight_shape: tuple[int, ...] | None = None) -> str | None:
+    """Why module `m` must not be applied (to a weight of `weight_shape`, when the target is known): its own refusal,
+    or a delta-W of another shape / a dora_scale that fits neither side of that weight; None when it applies.
+    Combine and convert have no target model (files of any model size are fine), bake has the checkpoint's."""
+    if m.refused:
+        return m.refused
+    return refusal(m.params, tuple(weight_shape)) if weight_shape is not None and m.algorithm else None
+
+
+def refused_message(name: str, refused: list[tuple[str, str]]) -> str:
+    """One line naming the refused modules of adapter `name` (the first three with their reasons)."""
+    shown = "; ".join(f"{label}: {why}" for label, why in refused[:3])
+    more = f"; and {len(refused) - 3} more" if len(refused) > 3 else ""
+    return (f"{name}: {len(refused)} broken module{'s' if len(refused) != 1 else ''} refused ({shown}{more}); "
+            f"skip them with skip_bad=True (CLI: --skip-bad)")
 
 
 def adapter_modules(adapter, family: str | None = None) -> list[NamedModule]:

@@ -20,7 +20,7 @@ from hadakron.comfy_keys import comfy_weight_key, is_clip_part
 from hadakron.merge import Patch, baked_weight, combine, natural_shape
 from hadakron.merge.module_names import adapter_modules, adapter_name
 
-from .save_adapter import AdapterSaveError, checked_output_base, next_free_path
+from .save_adapter import AdapterSaveError, checked_output_base, save_tensors
 from .loader import HadakronLoadError, family_mismatch, file_identity, model_family, read_lora_file
 
 log = logging.getLogger("hadakron")
@@ -276,10 +276,9 @@ class HadakronAdapterCombine:
             adapters = collect_adapters({"adapter_1": adapter_1, "strength_1": strength_1, **kwargs})
             result = combine(adapters, rank=rank or None, layout=layout,
                              dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-            path = next_free_path(filename_prefix, root=out_dir)
+            path = save_tensors(filename_prefix, result.tensors, result.metadata, root=out_dir)  # name claimed atomically
         except (HadakronMergeError, AdapterSaveError, ValueError) as exc:
             raise ValueError(f"Adapter Combine: {exc}") from None
-        result.write(path)
         text = "\n".join([f"wrote {path.relative_to(out_dir).as_posix()}"] + result.lines())
         return {"ui": {"text": [text]}, "result": (text,)}
 

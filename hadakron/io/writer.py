@@ -252,14 +252,28 @@ def stale_temps(path: str | Path) -> list[Path]:
     return [Path(e.path) for e in entries if pattern.match(e.name)]
 
 
-def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Delete the temp files of earlier writes of `path` whose writer is gone (no lock held on them);
-    a temp file whose writer is still running is left alone. Returns what was removed."""
-    removed = []
-    for tmp in stale_temps(path):
-        if _remove_if_unlocked(tmp):
-            removed.append(tmp)
-    return removed
+def remove_stale_temps(path: str | Path, *, names: re.Pattern[str] | None = None) -> list[Path]:
+    """Delete the temp files of earlier writes of `path` (or, with `names`, of every destination in its folder whose
+    name fully matches `names`) whose writer is gone (no lock held on them); a temp file whose writer is still
+    running is left alone. Returns what was removed."""
+    path = Path(path)
+    with _folder_lock(path.parent if str(path.parent) else Path(".")):
+        return _sweep(path, names)
+
+
+def _sweep(path: Path, names: re.Pattern[str] | None) -> list[Path]:
+    if names is None:
+        candidates = stale_temps(path)
+    else:
+        suffixes = "|".join(re.escape(s) for s in TEMP_SUFFIXES)
+        temp = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{6,16}(?:" + suffixes + r")\Z")
+        try:
+            entries = list(os.scandir(path.parent))
+        except OSError:
+            entries = []
+        candidates = [Path(e.path) for e in entries
+                      if (m := temp.match(e.name)) and names.fullmatch(m["name"])]
+    return [tmp for tmp in candidates if _remove_if_unlocked(tmp)]
 
 
 def _remove_if_unlocked(tmp: Path) -> bool:
@@ -312,7 +326,7 @@ def _open_temp(path: Path, suffix: str, size: int | None) -> tuple[BinaryIO, Pat
     folder = path.parent if str(path.parent) else Path(".")
     try:
         with _folder_lock(folder):
-            remove_stale_temps(path)
+            _sweep(path, None)
             fd, name = tempfile.mkstemp(dir=folder, prefix=temp_prefix(path), suffix=suffix)
             if fcntl is not None:
                 try:

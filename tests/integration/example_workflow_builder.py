@@ -24,13 +24,13 @@ TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar is drawn above a
 GAP = 40
 NODE_SIZES = {
     "CheckpointLoaderSimple": (320, 130), "UNETLoader": (320, 90), "CLIPLoader": (320, 120), "VAELoader": (320, 90),
-    "LoadImage": (320, 360), "CLIPTextEncode": (400, 200), "EmptyLatentImage": (300, 120), "KSampler": (300, 270),
+    "LoadImage": (320, 360), "CLIPTextEncode": (400, 340), "EmptyLatentImage": (300, 120), "KSampler": (300, 270),
     "VAEEncode": (230, 60), "VAEDecode": (230, 60), "SaveImage": (420, 460), "PreviewImage": (420, 460),
     "CheckpointSave": (320, 110), "MarkdownNote": (320, 260),
     "HadakronLoader": (340, 270), "HadakronSaveAdapter": (340, 130),
     "HadakronAdapterMerge": (340, 350), "HadakronAdapterCombine": (340, 430),
-    "HadakronTrainLoKr": (340, 640), "HadakronTrainLoHa": (340, 620), "HadakronNetworkOptions": (400, 420),
-    "HadakronOptimizerOptions": (320, 160), "HadakronPrecisionOptions": (370, 160),
+    "HadakronTrainLoKr": (340, 650), "HadakronTrainLoHa": (340, 630), "HadakronNetworkOptions": (400, 520),
+    "HadakronOptimizerOptions": (320, 200), "HadakronPrecisionOptions": (370, 200),
     "HadakronLoKrTrainer": (400, 1410), "HadakronLoHaTrainer": (400, 1360),
 }
 TRAINER = "HadakronTrainLoKr"  # the templates' trainer: compact, its settings from the option nodes

@@ -150,8 +150,13 @@ def alpha_problems(module: str, alpha: TensorSpec, *, used: bool = True) -> list
     if alpha.numel != 1:
         return [f"{module}.alpha: expected one value (0-d), found shape {list(alpha.shape)}"]
     v = alpha.value
-    if not used or v is None or math.isnan(v):
-        return []  # unused, not read, or NaN (the NaN/Inf scan reports it)
+    if v is None or math.isnan(v):
+        return []  # not read, or NaN (the NaN/Inf scan reports it)
+    if not used:
+        if v <= 0:
+            return [f"{module}.alpha: {v:g} stored, expected alpha > 0 (not used: both LoKr factors are full, "
+                    f"scale 1.0 applied)"]
+        return []
     if v < 0:
         return [f"{module}.alpha: {v:g} is negative, expected alpha > 0 (it would flip the sign of delta-W)"]
     if v == 0:
@@ -181,7 +186,9 @@ def refusal(specs: Specs, weight_shape: tuple[int, ...] | None = None) -> str | 
         if p not in COMMON_PARAMS and algorithm_guess({p: None}) is None:
             return f"unknown tensor {p!r} (not LoHa, LoKr or LoRA): its effect is unknown"
     algos = {a for a, names in KNOWN_PARAMS.items() if names & specs.keys()}
-    if len(algos) != 1 or next(iter(algos)) not in APPLIED_ALGORITHMS:
+    if len(algos) > 1:
+        return f"mixes parameters of {' and '.join(sorted(algos))}; expected one algorithm per module"
+    if not algos or next(iter(algos)) not in APPLIED_ALGORITHMS:
         return None  # not an applied algorithm: callers report it as unsupported
     problems = dtype_problems("", specs)
     if problems:
@@ -191,10 +198,13 @@ def refusal(specs: Specs, weight_shape: tuple[int, ...] | None = None) -> str | 
     shape_problems = _shape_check(algo, known) or _rule_problems(known)
     if shape_problems:
         return shape_problems[0]
-    if "alpha" in specs:
-        bad = alpha_problems("", specs["alpha"], used=shape_rules.module_rank(shapes(known)) is not None)
-        if bad and "stored; applied as ComfyUI does" not in bad[0]:
-            return bad[0].removeprefix(".")
+    alpha = specs.get("alpha")
+    if alpha is not None:
+        if alpha.numel != 1:
+            return f"alpha: expected one value (0-d), found shape {list(alpha.shape)}"
+        used = shape_rules.module_rank(shapes(known)) is not None
+        if used and alpha.value is not None and alpha.value < 0:
+            return f"alpha: {alpha.value:g} is negative, expected alpha > 0 (it would flip the sign of delta-W)"
     natural = shape_rules.natural_shape(shapes(known))
     target = tuple(weight_shape) if weight_shape is not None else natural
     if weight_shape is not None:

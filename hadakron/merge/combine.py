@@ -129,6 +129,8 @@ def _group(adapters: Sequence[tuple[AdapterFile, float]], family: str | None
         for m in adapter_modules(adapter, family):
             if m.algorithm is None:
                 skipped.append((f"{name}: {m.file_key}", f"not a LoHa, LoKr or LoRA module ({', '.join(sorted(m.params))})"))
+            elif (why := target_refusal(m)) is not None:
+                skipped.append((f"{name}: {m.file_key}", f"{REFUSED}{why}"))
             elif "dora_scale" in m.params:
                 skipped.append((f"{name}: {m.file_key}", "DoRA (dora_scale) is not additive, so it has no exact LoRA "
                                                         "form; bake it into the checkpoint instead"))
@@ -137,8 +139,6 @@ def _group(adapters: Sequence[tuple[AdapterFile, float]], family: str | None
                                                         "the output layout"))
             elif m.nonfinite_reason:
                 skipped.append((f"{name}: {m.file_key}", m.nonfinite_reason))
-            elif (why := target_refusal(m)) is not None:
-                skipped.append((f"{name}: {m.file_key}", f"{REFUSED}{why}"))
             else:
                 groups.setdefault(m.canonical, []).append((m, float(strength), name))
     return groups, skipped

@@ -35,16 +35,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("file", help="adapter file (.safetensors)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (stable field names)")
     p.add_argument("--all-metadata", action="store_true", help="list every metadata key in the table")
+    p.add_argument("--blocks", action="store_true",
+                   help="also show where the adapter acts: ||alpha/rank * dW||_F per block as text bars")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Read the file, print the report; 0 when it could be read (problems are reported, not fatal)."""
     report = inspect_file(args.file)
+    blocks = None
+    if args.blocks:
+        from hadakron.commands import inspect_blocks
+        blocks = inspect_blocks.file_cells(args.file)
     if args.json:
+        if blocks is not None:
+            report["blocks"] = [c.to_dict() for c in blocks[1]]
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         print(format_report(report, all_metadata=args.all_metadata))
+        if blocks is not None:
+            print("\n".join(inspect_blocks.block_lines(*blocks)))
     return 0
 
 

@@ -72,8 +72,8 @@ def _state_shapes(module) -> dict[str, tuple[int, ...]]:
 
 # ---------------------------------------------------------------- file reading (cached)
 
-# Files read by any loader/merge node, keyed by path and checked against (size, mtime) on every use: a few at
-# once, so two loaders (or a merge of several files) in one graph do not evict each other at every prompt.
+# Files read by any loader/merge node, keyed by path and checked against their identity (`_stamp`) on every use:
+# a few at once, so two loaders (or a merge of several files) in one graph do not evict each other at every prompt.
 _cache: OrderedDict[str, tuple[tuple, object]] = OrderedDict()
 CACHED_FILES = 4
 
@@ -85,17 +85,21 @@ def lora_path(lora_name: str | None) -> str | None:
 
 
 def _stamp(path: str) -> tuple[int, ...]:
-    """(size, mtime) of the file, and of the PEFT adapter_config.json beside it when there is one (it sets the scale)."""
+    """The file's identity: (device, inode, size, mtime, ctime), and the same of the PEFT adapter_config.json beside it
+    when there is one (it sets the scale). The inode catches a replaced file, the ctime a rewrite in place that kept
+    size and mtime (a tool restoring mtime, a coarse clock): either way the next load reads the new bytes."""
     from hadakron.io.peft_config import peft_config_path
 
-    st = os.stat(path)
+    def identity(st: os.stat_result) -> tuple[int, ...]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
     config = peft_config_path(path)
-    extra = (config.stat().st_size, config.stat().st_mtime_ns) if config is not None else ()
-    return (st.st_size, st.st_mtime_ns, *extra)
+    return identity(os.stat(path)) + (identity(config.stat()) if config is not None else ())
 
 
 def file_identity(*lora_names: str | None) -> str:
-    """(path, size, mtime) of each named file, as IS_CHANGED text: the executor re-runs a node whose file changed."""
+    """Path and identity (`_stamp`) of each named file, as IS_CHANGED text: the executor re-runs a node whose file
+    changed."""
     out = []
     for name in lora_names:
         path = lora_path(name)

@@ -77,7 +77,10 @@ def _load_tensors(path: Path, entries, device) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in sorted(e.name for e in entries):
-                tensors[name] = f.get_tensor(name)
+                t = f.get_tensor(name)
+                # own memory, not a view of safetensors' mmap: a file rewritten in place would otherwise change
+                # a cached adapter under the loader (a stale, torn patch) or kill the process (SIGBUS) once truncated
+                tensors[name] = t.clone() if t.device.type == "cpu" else t
     except Exception as exc:  # the header was validated; anything left is I/O or a safetensors limit
         raise AdapterFileError(path, "could not load tensors", found=f"{type(exc).__name__}: {exc}") from exc
     return tensors

@@ -25,6 +25,7 @@ to dotted names only through a lookup built from the family's layer list: never 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Mapping
 
 from hadakron.arch.anima import ANIMA
@@ -58,6 +59,9 @@ PARAMS: tuple[str, ...] = (
     *PARAM_ALIASES,
 )
 _SUFFIXES = sorted(PARAMS, key=len, reverse=True)
+_SUFFIXES_BY_LAST: dict[str, tuple[str, ...]] = {}
+for _s in _SUFFIXES:  # a key can end in "." + suffix only when its last segment is the suffix's last segment
+    _SUFFIXES_BY_LAST[_s.rpartition(".")[2]] = _SUFFIXES_BY_LAST.get(_s.rpartition(".")[2], ()) + (_s,)
 _AB_LAYOUTS = ("peft", "diffusers")
 _TO_AB = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 
@@ -78,12 +82,13 @@ def check_layout(layout: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- params
+@lru_cache(maxsize=1 << 16)  # detection, grouping and checks split the same keys of a file several times
 def split_key(key: str) -> tuple[str, str]:
     """`(module_key, param)` of a file key; param in canonical spelling (PEFT lora_A -> lora_down.weight).
 
     Raises ValueError naming the key when it ends in no known adapter tensor name.
     """
-    for suffix in _SUFFIXES:
+    for suffix in _SUFFIXES_BY_LAST.get(key.rpartition(".")[2], ()):  # _SUFFIXES' order, only those that can match
         if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
             return key[: -len(suffix) - 1], PARAM_ALIASES.get(suffix, suffix)
     for old, new in (("_lora.up.weight", "lora_up.weight"), ("_lora.down.weight", "lora_down.weight")):

@@ -125,9 +125,10 @@ def layer_shape_problems(modules: Mapping[str, Specs], family: str | None,
         return []
     fam = get_family(family)
     problems = []
+    layer_shapes = {part: fam.layer_shapes(part) for part in fam.parts}
     for mk, (part, dotted) in matched.items():
         specs = modules.get(mk)
-        layer = fam.layer_shapes(part).get(dotted)
+        layer = layer_shapes[part].get(dotted) if part in layer_shapes else fam.layer_shapes(part).get(dotted)
         if specs is None or layer is None:
             continue
         try:

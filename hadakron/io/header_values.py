@@ -57,24 +57,40 @@ def read_scalars(path: str | Path, header: Header, entries: Iterable[TensorEntry
 
 def nonfinite_counts(path: str | Path, header: Header,
                      entries: Iterable[TensorEntry] | None = None) -> dict[str, tuple[int, int]]:
-    """{name: (NaN count, Inf count)} of the floating tensors that hold any (all of `header`'s by default)."""
-    todo = [e for e in (header.entries if entries is None else entries) if e.dtype in _BIT_TESTS and e.end > e.begin]
+    """{name: (NaN count, Inf count)} of the floating tensors that hold any (all of `header`'s by default).
+
+    Neighbouring tensors of one dtype are tested as one span first (a file is mostly runs of one dtype); only a span
+    that holds a NaN/Inf is counted tensor by tensor."""
+    todo = sorted((e for e in (header.entries if entries is None else entries)
+                   if e.dtype in _BIT_TESTS and e.end > e.begin), key=lambda e: e.begin)
     if not todo:
         return {}
+    import mmap
+
     import numpy as np  # only when a value scan is needed
 
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_start,
-                     shape=(header.file_size - header.data_start,))
+    runs: list[list[TensorEntry]] = []
+    for e in todo:
+        if runs and runs[-1][-1].dtype == e.dtype and runs[-1][-1].end == e.begin:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
     found: dict[str, tuple[int, int]] = {}
-    try:
-        for e in todo:
-            size, magnitude, exponent = _BIT_TESTS[e.dtype]
-            bits = data[e.begin:e.end].view(np.dtype(f"<u{size}"))
-            counts = _count(np, bits, magnitude, exponent, has_inf=e.dtype != "F8_E4M3")
-            if counts is not None:
-                found[e.name] = counts
-    finally:
-        del data
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        data = np.frombuffer(mm, dtype=np.uint8, count=header.file_size - header.data_start, offset=header.data_start)
+        try:
+            for run in runs:
+                size, magnitude, exponent = _BIT_TESTS[run[0].dtype]
+                has_inf = run[0].dtype != "F8_E4M3"
+                kind = np.dtype(f"<u{size}")
+                if _count(np, data[run[0].begin:run[-1].end].view(kind), magnitude, exponent, has_inf=has_inf) is None:
+                    continue
+                for e in run:
+                    counts = _count(np, data[e.begin:e.end].view(kind), magnitude, exponent, has_inf=has_inf)
+                    if counts is not None:
+                        found[e.name] = counts
+        finally:
+            del data  # the buffer must go before the mmap closes
     return found
 
 

@@ -30,6 +30,8 @@ KNOWN_PARAMS: dict[str, frozenset[str]] = {
     "other": frozenset({"set_weight", "on_input"}),
 }
 COMMON_PARAMS = frozenset({"alpha", "dora_scale", "scalar"})
+_PARAM_ALGO: dict[str, str] = {name: algo for algo, names in KNOWN_PARAMS.items() for name in names}
+_ALPHA_DTYPES = FLOAT_DTYPES | INTEGER_DTYPES
 APPLIED_ALGORITHMS = ("loha", "lokr", "lora")
 
 
@@ -71,7 +73,7 @@ def group_modules(tensors: Mapping[str, object]) -> dict[str, dict[str, object]]
 
 def algorithm_guess(params: Mapping[str, object]) -> str | None:
     """The algorithm a module's parameter names belong to, or None when none or several match."""
-    found = {algo for algo, names in KNOWN_PARAMS.items() if names & params.keys()}
+    found = {_PARAM_ALGO[p] for p in params if p in _PARAM_ALGO}
     return found.pop() if len(found) == 1 else None
 
 
@@ -100,11 +102,11 @@ def require_adapter_keys(path: Path, keys: list[str]) -> None:
 def module_problems(module: str, specs: Specs) -> list[str]:
     """Missing, unknown, conflicting, mis-shaped or mis-typed tensors of one module, a missing or bad alpha and a
     dora_scale that fits neither side of the weight."""
-    unknown = sorted(p for p in specs if p not in COMMON_PARAMS and algorithm_guess({p: None}) is None)
+    unknown = sorted(p for p in specs if p not in COMMON_PARAMS and p not in _PARAM_ALGO)
     problems = [f"{module}: key has no '.<parameter>' suffix" if not p
                 else f"{module}.{p}: unknown parameter name (not LoHa, LoKr or LoRA)" for p in unknown]
-    known = {p: s for p, s in specs.items() if p not in unknown}
-    algos = {a for a, names in KNOWN_PARAMS.items() if names & known.keys()}
+    known = {p: s for p, s in specs.items() if p not in unknown} if unknown else specs
+    algos = {_PARAM_ALGO[p] for p in known if p in _PARAM_ALGO}
     if len(algos) > 1:
         problems.append(f"{module}: mixes parameters of {' and '.join(sorted(algos))} "
                         f"({', '.join(sorted(known))}); expected one algorithm per module")
@@ -118,16 +120,23 @@ def module_problems(module: str, specs: Specs) -> list[str]:
         problems.append(f"{module}: algorithm '{algo}' is not LoHa, LoKr or LoRA; hadakron does not apply it")
         return problems
     problems += dtype_problems(module, known)
-    shape_problems = _shape_check(algo, known) or _rule_problems(known)
+    known_shapes = shapes(known)
+    shape_problems = _shape_check(algo, known)
+    factors = None
+    if not shape_problems:
+        try:
+            factors = shape_rules.module_factor_shapes(known_shapes)
+        except ValueError as exc:
+            shape_problems = [str(exc)]
     problems += [f"{module}: {p}" for p in shape_problems]
-    alpha_used = not shape_problems and shape_rules.module_rank(shapes(known)) is not None  # both-full LoKr: unused
+    alpha_used = factors is not None and shape_rules.module_rank(known_shapes) is not None  # both-full LoKr: unused
     if "alpha" not in specs:
         if alpha_used:
             problems.append(f"{module}.alpha: missing (loaders then use scale 1.0)")
     else:
         problems += alpha_problems(module, specs["alpha"], used=alpha_used or bool(shape_problems))
     if "dora_scale" in specs and not shape_problems:
-        problem = dora_problem(specs["dora_scale"].shape, shape_rules.natural_shape(shapes(known)))
+        problem = dora_problem(specs["dora_scale"].shape, shape_rules.natural_shape_of(*factors))
         if problem:
             problems.append(f"{module}.dora_scale: {problem}")
     return problems
@@ -137,8 +146,7 @@ def dtype_problems(module: str, specs: Specs) -> list[str]:
     """Factor tensors and dora_scale must be floating point; alpha may also be an integer (LyCORIS writes int64)."""
     problems = []
     for p, s in specs.items():
-        allowed = FLOAT_DTYPES | INTEGER_DTYPES if p == "alpha" else FLOAT_DTYPES
-        if s.dtype not in allowed:
+        if s.dtype not in (_ALPHA_DTYPES if p == "alpha" else FLOAT_DTYPES):
             want = "a floating-point or integer scalar" if p == "alpha" else "a floating-point dtype (F16, BF16, F32, F64)"
             problems.append(f"{module}.{p}: dtype {s.dtype}, expected {want}")
     return problems

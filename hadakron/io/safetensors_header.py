@@ -120,14 +120,14 @@ def _parse_entry(path: Path, name: str, info: object, data_size: int) -> TensorE
         raise AdapterFileError(path, "bad tensor entry in header", key=name,
                                expected="an object with dtype, shape, data_offsets", found=repr(info)[:80])
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in ITEMSIZE:
+    if type(dtype) is not str or dtype not in ITEMSIZE:
         raise AdapterFileError(path, "unsupported tensor dtype", key=name,
                                expected="one of " + ", ".join(ITEMSIZE), found=repr(dtype))
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if not (type(shape) is list and all(type(d) is int and d >= 0 for d in shape)):  # type(): bool is no int here
         raise AdapterFileError(path, "bad tensor shape", key=name, expected="a list of non-negative integers",
                                found=repr(shape)[:80])
     if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            and type(offsets[0]) is int and type(offsets[1]) is int and offsets[0] >= 0
             and offsets[0] <= offsets[1]):
         raise AdapterFileError(path, "bad data_offsets", key=name, expected="[begin, end] with 0 <= begin <= end",
                                found=repr(offsets)[:80])

@@ -62,7 +62,8 @@ def _get(shapes: Shapes, name: str, dims: tuple[int, ...], algorithm: str) -> tu
     s = shapes[name]
     if isinstance(s, NotATensor):
         raise ValueError(f"'{name}' must be a tensor, found {s.type_name}")
-    s = tuple(int(d) for d in s)  # type: ignore[union-attr]
+    if type(s) is not tuple:
+        s = tuple(int(d) for d in s)  # type: ignore[union-attr]
     if len(s) not in dims:
         want = " or ".join(f"{d}-D" for d in dims)
         raise ValueError(f"'{name}' must be {want}, found shape {s}")

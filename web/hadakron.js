@@ -16,7 +16,9 @@ import {
   parseLossOutput,
   parseReportOutput,
 } from "./lib/payloads.js";
-import { formatReport, reportText } from "./lib/report_format.js";
+import { blocksText, breakPieces, reportBlocks, textBlocks } from "./lib/report_format.js";
+import { cellAt, cellText, drawHeatmap, heatmapLayout, parseHeatmap } from "./lib/heatmap.js";
+import { RUN_EVENTS, STATE_LABELS, initialRunState, nextRunState, runStateFromJSON } from "./lib/run_state.js";
 
 const EXTENSION_NAME = "hadakron.ui";
 const CHART_WIDGET = "hadakron_loss_chart";
@@ -24,6 +26,8 @@ const REPORT_WIDGET = "hadakron_report_view";
 /** node.properties key holding the last curve, so a saved workflow shows it again. */
 const SERIES_PROPERTY = "hadakron_loss_curve";
 const SMOOTHING_PROPERTY = "hadakron_loss_smoothing";
+/** node.properties key holding the last run's end state ({state, reason}), shown again after a reload. */
+const RUN_STATE_PROPERTY = "hadakron_loss_state";
 /** "auto" (window of about a twentieth of the run) or a weight in [0, 1); editable in the node's properties. */
 const DEFAULT_SMOOTHING = "auto";
 const PERSIST_POINTS = 400;
@@ -39,13 +43,33 @@ const STYLE = `
 .hadakron-loss .hadakron-message:empty { display: none; }
 .hadakron-loss .hadakron-legend { flex: 0 0 auto; font: 10px sans-serif; color: #9a9a9a; }
 .hadakron-loss .hadakron-legend b { font-weight: normal; }
-.hadakron-report { width: 100%; height: 100%; box-sizing: border-box; overflow: auto; font: 11px monospace;
-  color: #d0d0d0; background: rgba(0, 0, 0, 0.25); border-radius: 4px; padding: 4px 6px; }
-.hadakron-report .hadakron-headline { font-weight: bold; margin-bottom: 2px; }
+.hadakron-report { position: relative; width: 100%; height: 100%; box-sizing: border-box; overflow: auto;
+  font: 11px monospace; color: #d0d0d0; background: rgba(0, 0, 0, 0.25); border-radius: 4px; padding: 4px 6px;
+  white-space: pre-wrap; word-break: normal; overflow-wrap: normal; line-break: auto;
+  scrollbar-width: thin; scrollbar-color: #8a8a8a rgba(255, 255, 255, 0.06); }
+.hadakron-report .hadakron-headline { font-weight: bold; margin-bottom: 3px; color: #f0f0f0; }
+.hadakron-report .hadakron-line { padding-left: 1.5em; text-indent: -1.5em; }
 .hadakron-report .hadakron-warn { color: #ffb86b; }
-.hadakron-report details { margin-top: 2px; }
+.hadakron-report details { margin-top: 3px; }
 .hadakron-report summary { cursor: pointer; color: #9ecbff; }
-.hadakron-report pre { margin: 0; white-space: pre-wrap; word-break: break-all; font: inherit; }
+.hadakron-report details .hadakron-list { max-height: 168px; overflow: auto; padding-left: 0.8em;
+  scrollbar-width: thin; scrollbar-color: #8a8a8a rgba(255, 255, 255, 0.06); }
+.hadakron-report .hadakron-heat { margin: 3px 0; }
+.hadakron-report .hadakron-caption { color: #9a9a9a; font-size: 10px; }
+.hadakron-report canvas.hadakron-heatmap { display: block; width: 100%; height: 60px; border-radius: 3px; }
+.hadakron-report .hadakron-more { display: none; position: sticky; bottom: -4px; text-align: center;
+  font-size: 10px; color: #9ecbff; background: linear-gradient(transparent, rgba(20, 20, 20, 0.95) 45%); }
+.hadakron-report.hadakron-overflow .hadakron-more { display: block; }
+.hadakron-loss .hadakron-row { flex: 0 0 auto; display: flex; gap: 6px; align-items: baseline; min-width: 0; }
+.hadakron-loss .hadakron-row .hadakron-status { flex: 1 1 auto; min-width: 0; }
+.hadakron-loss .hadakron-state { flex: 0 0 auto; font: bold 10px sans-serif; padding: 0 5px; border-radius: 3px;
+  color: #111; background: #8a8a8a; text-transform: uppercase; }
+.hadakron-loss[data-state="running"] .hadakron-state { background: #6ea0ff; }
+.hadakron-loss[data-state="finished"] .hadakron-state { background: #5fcf80; }
+.hadakron-loss[data-state="interrupted"] .hadakron-state { background: #ffb86b; }
+.hadakron-loss[data-state="failed"] .hadakron-state { background: #ff6b6b; }
+.hadakron-loss .hadakron-message.hadakron-error { color: #ff8a8a; white-space: normal; word-break: normal;
+  overflow-wrap: normal; max-height: 3.9em; overflow: auto; }
 `;
 
 function injectStyle() {
@@ -114,12 +138,19 @@ function setupTrainer(node) {
   const legend = document.createElement("div");
   legend.className = "hadakron-legend";
   legend.innerHTML = '<b style="color:#6ea0ff">\u2014 loss</b> &nbsp; <b style="color:#ffa53c">\u2014 smoothed</b>';
-  const status = document.createElement("div");
+  const row = document.createElement("div");
+  row.className = "hadakron-row";
+  const badge = document.createElement("span");
+  badge.className = "hadakron-state";
+  badge.textContent = STATE_LABELS.idle;
+  const status = document.createElement("span");
   status.className = "hadakron-status";
   status.textContent = "waiting for training";
+  row.append(badge, status);
   const message = document.createElement("div");
   message.className = "hadakron-message";
-  root.append(canvas, legend, status, message);
+  root.append(canvas, legend, row, message);
+  root.dataset.state = "idle";
 
   const widget = node.addDOMWidget(CHART_WIDGET, "hadakron-loss-chart", root, {
     serialize: false,
@@ -135,7 +166,9 @@ function setupTrainer(node) {
     root,
     canvas,
     status,
+    badge,
     message,
+    run: initialRunState(),
     history: new LossHistory(),
     /** Series shown when there is no live history (restored from properties). */
     restored: null,
@@ -171,7 +204,11 @@ function currentSeries(state) {
 /** Draws now; returns whether curves were drawn. */
 function drawChart(state) {
   const series = currentSeries(state);
-  state.status.textContent = statusText(series, state.history.length ? state.history.lastLr : NaN);
+  const run = state.run.state;
+  state.status.textContent = !series?.count && run !== "idle" && run !== "running" ? "no step completed"
+    : statusText(series, state.history.length ? state.history.lastLr : NaN);
+  state.badge.textContent = STATE_LABELS[run] ?? run;
+  state.root.dataset.state = run;
   const cssW = state.canvas.clientWidth;
   const cssH = state.canvas.clientHeight;
   if (cssW < 2 || cssH < 2) return false;
@@ -246,6 +283,7 @@ function onLossEvent(event) {
   }
   if (state.history.addEvent(ev) || state.history.length === 1) state.message.textContent = "";
   state.live = true;
+  if (state.run.state !== "running") showRunState(state, { state: "running", reason: "", promptId: state.run.promptId });
   state.lastOutputKey = null; // the run's final output must be applied even if it equals the previous one
   scheduleDraw(state);
 }
@@ -265,6 +303,7 @@ function applyTrainerOutput(node, output, fromExecuted) {
     return;
   }
   state.lastOutputKey = key;
+  if (fromExecuted || state.run.state === "idle") showRunState(state, { state: "finished", reason: "", promptId: state.run.promptId });
   const text = parseReportOutput({ text: output.text })?.text ?? "";
   state.message.textContent = text;
   state.message.title = text;
@@ -277,10 +316,41 @@ function applyTrainerOutput(node, output, fromExecuted) {
 function restoreTrainer(node) {
   const state = chartState(node);
   if (!state) return;
+  const run = runStateFromJSON(node.properties?.[RUN_STATE_PROPERTY]);
+  if (run) showRunState(state, run);
   const series = seriesFromJSON(node.properties?.[SERIES_PROPERTY]);
+  if (series && !run && series.finished) showRunState(state, { state: "finished", reason: "", promptId: null });
   if (series) {
     state.restored = series;
     scheduleDraw(state);
+  }
+}
+
+/** Shows a run state on the chart: the badge, and for a failure the one-line reason under the curve. */
+function showRunState(state, run) {
+  const was = state.run;
+  state.run = run;
+  if (run.state === "failed") {
+    state.message.replaceChildren(...wrappable(`failed: ${run.reason}`));
+    state.message.title = run.reason;
+    state.message.classList.add("hadakron-error");
+  } else if (was.state === "failed" || run.state === "running") {
+    state.message.textContent = "";
+    state.message.title = "";
+    state.message.classList.remove("hadakron-error");
+  }
+  if (["finished", "interrupted", "failed"].includes(run.state) && state.node.properties) {
+    state.node.properties[RUN_STATE_PROPERTY] = { state: run.state, reason: run.reason };
+  }
+  scheduleDraw(state);
+}
+
+/** One ComfyUI execution event, matched to every trainer chart by its node id. */
+function onRunEvent(type, event) {
+  for (const state of CHARTS) {
+    const id = state.node.id;
+    const next = nextRunState(state.run, type, event?.detail, id);
+    if (next !== state.run) showRunState(state, next);
   }
 }
 
@@ -294,15 +364,18 @@ function endOfRun() {
   }
 }
 
-// ------------------------------------------------------------------ loader: report
+// ------------------------------------------------------------------ loader, merge, combine: readable reports
 
-function setupReport(node, placeholder) {
+/** Tallest the report grows the node to; longer content scrolls inside it (visible scrollbar, "more" hint). */
+const REPORT_MAX_HEIGHT = { loader: 420, text: 260 };
+
+function setupReport(node, placeholder, kind) {
   if (node.__hadakronReport) return;
   injectStyle();
   const root = document.createElement("div");
   root.className = "hadakron-report";
   root.textContent = placeholder;
-  const state = { node, widget: null, root, lastOutputKey: null, height: 60 };
+  const state = { node, widget: null, root, lastOutputKey: null, height: 60, kind, heat: null, observer: null };
   const widget = node.addDOMWidget(REPORT_WIDGET, "hadakron-report", root, {
     serialize: false,
     getMinHeight: () => state.height,
@@ -312,50 +385,155 @@ function setupReport(node, placeholder) {
   widget.serialize = false;
   state.widget = widget;
   node.__hadakronReport = state;
+  root.addEventListener("scroll", () => markOverflow(root), { passive: true });
+  // a section opened or closed: size the node to the new content
+  root.addEventListener("toggle", () => resizeReport(state), true);
+  if (typeof ResizeObserver !== "undefined") {
+    state.observer = new ResizeObserver(() => {
+      drawHeat(state);
+      markOverflow(root);
+      // shown for the first time (or made narrower, so lines wrap): let the node grow to the content again
+      const max = REPORT_MAX_HEIGHT[state.kind] ?? 260;
+      if (root.scrollHeight > root.clientHeight + 1 && state.height < max && root.clientHeight > 0) {
+        const want = Math.min(max, root.scrollHeight + (state.height - root.clientHeight) + 2);
+        if (want > state.height + 1) {
+          state.height = want;
+          fitNode(state.node, 360);
+          markCanvasDirty();
+        }
+      }
+    });
+    state.observer.observe(root);
+  }
+  const onRemoved = node.onRemoved;
+  node.onRemoved = function () {
+    state.observer?.disconnect();
+    return onRemoved?.apply(this, arguments);
+  };
   fitNode(node, 320);
 }
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
+  if (text !== undefined) e.append(...wrappable(text));
   return e;
 }
 
-function section(title, lines, open) {
-  const d = el("details");
-  d.open = open;
-  d.append(el("summary", "", title), el("pre", "", lines.join("\n")));
-  return d;
+/** Text as nodes with a <wbr> at each break point (breakPieces): long keys wrap at punctuation, never mid-word. */
+function wrappable(text) {
+  const out = [];
+  breakPieces(String(text)).forEach((piece, i) => {
+    if (i) out.push(document.createElement("wbr"));
+    out.push(document.createTextNode(piece));
+  });
+  return out;
 }
 
-/** Renders the report into root; returns the number of text lines visible with the default open sections. */
-function renderReport(root, parsed) {
+function lineList(lines, cls) {
+  const list = el("div", cls ? `hadakron-list ${cls}` : "hadakron-list");
+  for (const line of lines) list.append(el("div", "hadakron-line", line));
+  return list;
+}
+
+/** The "where it acts" heatmap: a canvas drawn from the report's delta_norms, with a caption and tooltips. */
+function heatSection(state, heat) {
+  const wrap = el("div", "hadakron-heat");
+  const caption = el("div", "hadakron-caption",
+    heat.exact ? "where it acts: \u2016s\u00b7strength\u00b7\u0394W\u2016 (Frobenius) per block, exact"
+      : "where it acts: \u2016s\u00b7strength\u00b7\u0394W\u2016 (Frobenius) per block; \u25e5 cells are upper bounds, the rest exact");
+  const canvas = document.createElement("canvas");
+  canvas.className = "hadakron-heatmap";
+  wrap.append(caption, canvas);
+  state.heat = { data: heat, canvas, layout: null };
+  canvas.addEventListener("mousemove", (e) => {
+    const layout = state.heat?.layout;
+    if (!layout) return;
+    const r = canvas.getBoundingClientRect();
+    const k = r.width > 0 ? layout.width / r.width : 1;
+    const c = cellAt(layout, (e.clientX - r.left) * k, (e.clientY - r.top) * k);
+    canvas.title = c ? cellText(heat.cells[c.index]) : "";
+  });
+  return wrap;
+}
+
+function drawHeat(state) {
+  const h = state.heat;
+  if (!h || !h.canvas.isConnected) return;
+  const cssW = h.canvas.clientWidth || h.canvas.parentElement?.clientWidth || 0;
+  if (cssW < 40) return;
+  const layout = heatmapLayout(h.data, cssW);
+  h.canvas.style.height = `${layout.height}px`;
+  const onScreen = h.canvas.getBoundingClientRect().width;
+  const zoom = onScreen > 0 ? onScreen / cssW : 1;
+  const k = Math.min(4, Math.max(1, (window.devicePixelRatio || 1) * zoom));
+  h.canvas.width = Math.round(cssW * k);
+  h.canvas.height = Math.round(layout.height * k);
+  const ctx = h.canvas.getContext("2d");
+  if (!ctx) return;
+  ctx.setTransform(k, 0, 0, k, 0, 0);
+  drawHeatmap(ctx, h.data, layout);
+  h.layout = layout;
+  h.canvas.dataset.cells = String(layout.cells.length);
+  h.canvas.dataset.scale = String(k);
+  h.canvas.dataset.rects = JSON.stringify(layout.cells.map((c) => [c.x, c.y, c.w, c.h, h.data.cells[c.index].block]));
+}
+
+/** Renders a report (headline, summary lines, heatmap, warnings, titled blocks) into root. */
+function renderBlocks(state, r, heat) {
+  const root = state.root;
   root.replaceChildren();
-  if (!parsed.report) {
-    root.append(el("pre", "", parsed.text ?? ""));
-    root.dataset.text = parsed.text ?? "";
-    return (parsed.text ?? "").split("\n").length;
+  state.heat = null;
+  root.append(el("div", "hadakron-headline", r.headline));
+  if (r.lines.length) root.append(lineList(r.lines, "hadakron-summary"));
+  if (heat) root.append(heatSection(state, heat));
+  if (r.warnings.length) root.append(lineList(r.warnings, "hadakron-warn"));
+  for (const b of r.blocks) {
+    if (b.kind === "line") {
+      root.append(el("div", "hadakron-line", b.title));
+      continue;
+    }
+    const d = document.createElement("details");
+    d.open = b.open;
+    d.dataset.kind = b.kind;
+    d.append(el("summary", "", b.title), lineList(b.lines));
+    root.append(d);
   }
-  const f = formatReport(parsed.report);
-  root.append(el("div", "hadakron-headline", f.headline));
-  if (f.summary.length) root.append(el("pre", "", f.summary.join("\n")));
-  if (f.warnings.length) root.append(el("pre", "hadakron-warn", f.warnings.join("\n")));
-  if (f.matched.length) root.append(section(`applied per part / block (${f.matchedTotal})`, f.matched, true));
-  if (f.unmatched.length) {
-    const title = `not applied (${f.unmatched.length}${f.unmatchedKinds ? ": " + f.unmatchedKinds : ""})`;
-    root.append(section(title, f.unmatched, !f.unmatchedCollapsed));
-  }
-  if (f.metadata.length) root.append(section("training metadata", f.metadata, false));
-  root.dataset.text = reportText(f);
-  return (
-    1 +
-    f.summary.length +
-    f.warnings.length +
-    (f.matched.length ? 1 + f.matched.length : 0) +
-    (f.unmatched.length ? 1 + (f.unmatchedCollapsed ? 0 : f.unmatched.length) : 0) +
-    (f.metadata.length ? 1 : 0)
-  );
+  root.append(el("div", "hadakron-more", "\u25be more below (scroll)"));
+  root.dataset.text = blocksText(r);
+}
+
+/** Marks whether content is hidden below (the hint at the bottom shows then). */
+function markOverflow(root) {
+  const more = root.scrollHeight - root.clientHeight - root.scrollTop > 2;
+  root.classList.toggle("hadakron-overflow", more);
+}
+
+/** The height the report's content needs at the node's width (measured off-screen, as laid out now). */
+function naturalHeight(state) {
+  const root = state.root;
+  const width = Math.max(root.clientWidth, (state.node.size?.[0] ?? 360) - 20, 200);
+  const probe = root.cloneNode(true);
+  probe.style.cssText = `position: fixed; left: -10000px; top: 0; width: ${width}px; height: auto; max-height: none;`;
+  probe.classList.remove("hadakron-overflow");
+  const heatHeight = state.heat ? heatmapLayout(state.heat.data, width - 12).height : 60;
+  for (const c of probe.querySelectorAll("canvas")) c.style.height = `${heatHeight}px`;
+  document.body.append(probe);
+  const h = probe.scrollHeight;
+  probe.remove();
+  return h;
+}
+
+function resizeReport(state) {
+  const max = REPORT_MAX_HEIGHT[state.kind] ?? 260;
+  drawHeat(state);
+  state.height = Math.min(max, Math.max(60, naturalHeight(state) + 2));
+  fitNode(state.node, 360);
+  markCanvasDirty();
+  requestAnimationFrame(() => {
+    drawHeat(state);
+    markOverflow(state.root);
+  });
 }
 
 function applyReportOutput(node, output) {
@@ -370,11 +548,9 @@ function applyReportOutput(node, output) {
     return;
   }
   state.lastOutputKey = key;
-  const lines = renderReport(state.root, parsed);
-  // Grow the widget to show the report without scrolling, up to about 24 lines; longer reports scroll.
-  state.height = Math.min(360, Math.max(60, 14 * lines + 14));
-  fitNode(node, 360);
-  markCanvasDirty();
+  const blocks = parsed.report ? reportBlocks(parsed.report) : textBlocks(parsed.text ?? "");
+  renderBlocks(state, blocks, parsed.report ? parseHeatmap(parsed.report.delta_norms) : null);
+  resizeReport(state);
 }
 
 // ------------------------------------------------------------------ registration
@@ -397,6 +573,7 @@ app.registerExtension({
 
   async setup() {
     api.addEventListener(LOSS_EVENT, onLossEvent);
+    for (const type of RUN_EVENTS) api.addEventListener(type, (e) => onRunEvent(type, e));
     for (const type of ["execution_success", "execution_error", "execution_interrupted"]) api.addEventListener(type, endOfRun);
   },
 
@@ -419,11 +596,10 @@ app.registerExtension({
         applyTrainerOutput(this, output, true);
       });
     } else if (LOADER_NODES.includes(nodeData?.name) || TEXT_NODES.includes(nodeData?.name)) {
-      const placeholder = LOADER_NODES.includes(nodeData.name)
-        ? "the load report appears here after a run"
-        : "the result appears here after a run";
+      const loader = LOADER_NODES.includes(nodeData.name);
+      const placeholder = loader ? "the load report appears here after a run" : "the result appears here after a run";
       chain(nodeType.prototype, "onNodeCreated", function () {
-        setupReport(this, placeholder);
+        setupReport(this, placeholder, loader ? "loader" : "text");
       });
       chain(nodeType.prototype, "onExecuted", function (output) {
         applyReportOutput(this, output);

@@ -284,6 +284,57 @@ HELPERS_JS = r"""
       }
       return { width: canvas.width, height: canvas.height, nonBg, orange };
     },
+    // Where a node is on the screen (CSS pixels of the page), title bar included.
+    nodeScreenRect(id) {
+      const n = hk.node(id), ds = app.canvas.ds, c = app.canvas.canvas.getBoundingClientRect();
+      const [x, y, w, h] = n.boundingRect;
+      return { x: (x + ds.offset[0]) * ds.scale + c.left, y: (y + ds.offset[1]) * ds.scale + c.top,
+               width: w * ds.scale, height: h * ds.scale };
+    },
+    // Line breaks inside a text node that fall between two non-space characters (a word or number cut in two);
+    // `wrapped` counts every wrap of a line, also those at a <wbr> (between text nodes: the allowed punctuation
+    // breaks) and at spaces.
+    midWordBreaks(root) {
+      const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT), bad = [], r = document.createRange();
+      let lines = 0, prevTop = null, prevLine = null;
+      for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+        const t = n.textContent, line = n.parentElement.closest("div, summary");
+        for (let i = 0; i < t.length; i++) {
+          r.setStart(n, i); r.setEnd(n, i + 1);
+          const rect = r.getClientRects()[0];
+          if (!rect) continue;
+          if (prevTop !== null && line === prevLine && rect.top > prevTop + 2) {
+            lines++;
+            if (i > 0 && !/\s/.test(t[i - 1]) && !/\s/.test(t[i])) bad.push(t.slice(Math.max(0, i - 14), i) + "|" + t.slice(i, i + 14));
+          }
+          prevTop = rect.top;
+          prevLine = line;
+        }
+      }
+      return { bad, wrapped: lines };
+    },
+    // Every element of the report whose content is cut (scroll size over client size) and how it can be seen.
+    clipped(root) {
+      return [root, ...root.querySelectorAll("*")].filter((e) => e.getClientRects().length).flatMap((e) => {
+        const cs = getComputedStyle(e), out = [];
+        if (e.scrollHeight > e.clientHeight + 1 && cs.overflowY !== "visible")
+          out.push({ cls: e.className, axis: "y", shown: e.clientHeight, content: e.scrollHeight, overflow: cs.overflowY,
+                     bar: e.offsetWidth - e.clientWidth - parseFloat(cs.borderLeftWidth) - parseFloat(cs.borderRightWidth) });
+        if (e.scrollWidth > e.clientWidth + 1 && cs.overflowX !== "visible")
+          out.push({ cls: e.className, axis: "x", shown: e.clientWidth, content: e.scrollWidth, overflow: cs.overflowX,
+                     bar: e.offsetHeight - e.clientHeight - parseFloat(cs.borderTopWidth) - parseFloat(cs.borderBottomWidth) });
+        return out;
+      });
+    },
+    // Computed wrapping styles (word-break/overflow-wrap/white-space) of the report's elements.
+    wrapStyles(root) {
+      const seen = new Set();
+      for (const e of [root, ...root.querySelectorAll("*")]) {
+        const cs = getComputedStyle(e);
+        seen.add(`${cs.wordBreak}/${cs.overflowWrap}/${cs.whiteSpace}`);
+      }
+      return [...seen];
+    },
   };
   const queuePrompt = api.queuePrompt.bind(api);
   api.queuePrompt = async (...args) => {
@@ -431,14 +482,18 @@ def _finished(comfy, prompt_id: str) -> dict:
 
 
 def _chart(page: Browser, trainer: str, condition: str, what: str, timeout: float = 60.0) -> dict:
-    """The trainer's chart (status text, drawn point count, canvas pixels, stored curve) once `condition` (JS on
-    `txt` and `points`) holds; the canvas is scrolled into view first (hidden DOM widgets are not drawn)."""
+    """The trainer's chart (status text, run state and its badge, message, drawn point count, canvas pixels, stored
+    curve) once `condition` (JS on `txt`, `points`, `state`, `msg`) holds; the canvas is scrolled into view first
+    (hidden DOM widgets are not drawn)."""
     assert page.eval(f"window.__hk.showWidget({json.dumps(trainer)}, 'hadakron_loss_chart')") > 100
     expression = f"""(() => {{
       const n = window.__hk.node({json.dumps(trainer)}), el = window.__hk.widgetEl(n, 'hadakron_loss_chart');
       const txt = el && el.querySelector('.hadakron-status').textContent, points = el && Number(el.dataset.points);
-      return {{ ok: !!(el && ({condition})), txt, points, px: el && window.__hk.pixels(el.querySelector('canvas')),
-        curve: n.properties.hadakron_loss_curve ?? null }}; }})()"""
+      const state = el && el.dataset.state, badge = el && el.querySelector('.hadakron-state').textContent;
+      const msg = el && el.querySelector('.hadakron-message').textContent;
+      return {{ ok: !!(el && ({condition})), txt, points, state, badge, msg,
+        px: el && window.__hk.pixels(el.querySelector('canvas')), curve: n.properties.hadakron_loss_curve ?? null,
+        stored_state: n.properties.hadakron_loss_state ?? null }}; }})()"""
     deadline, state = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         state = page.eval(expression)
@@ -484,6 +539,8 @@ def _check_trainer_chart(page: Browser, prompt: dict, history: dict, live_before
     for drawn, event, final in zip(shown["curve"]["raw"]["ys"], live, curve):
         assert abs(drawn - event["loss"]) <= 1e-4 * max(1.0, abs(event["loss"])), (drawn, event)
         assert abs(event["loss"] - final) <= 1e-6 * max(1.0, abs(final)), (event, final)
+    assert shown["state"] == "finished" and shown["badge"] == "finished", shown
+    _node_screenshot(page, trainer, f"trainer-finished-{trainer}")
     # the workflow is saved and opened again: the new node instance shows the stored final curve
     _reload_workflow(page)
     restored = _chart(page, trainer, "txt.includes('done') && points > 0", "the restored chart after a reload")
@@ -507,15 +564,117 @@ def _shown_report(page: Browser, node_id: str) -> dict:
                          timeout=30, what=f"the result shown on node {node_id}")
 
 
+SHOT_DIR = Path(os.environ.get("HADAKRON_SCREENSHOT_DIR") or "/tmp/hadakron-screenshots")
+BAD_WRAP = ("break-all", "anywhere")
+
+
+def _node_screenshot(page: Browser, node_id: str, name: str) -> Path:
+    """A PNG of one node as shown (title bar included) in SHOT_DIR (env HADAKRON_SCREENSHOT_DIR)."""
+    import base64
+    SHOT_DIR.mkdir(parents=True, exist_ok=True)
+    _show_node(page, node_id)
+    r = page.eval(f"window.__hk.nodeScreenRect({json.dumps(node_id)})")
+    clip = {"x": max(0.0, r["x"] - 6), "y": max(0.0, r["y"] - 6), "width": r["width"] + 12,
+            "height": r["height"] + 12, "scale": 1}
+    path = SHOT_DIR / f"{name}.png"
+    path.write_bytes(base64.b64decode(page.send("Page.captureScreenshot", {"format": "png", "clip": clip})["data"]))
+    return path
+
+
+def _show_node(page: Browser, node_id: str) -> None:
+    """Zoom 1, the node's top left near the page's top left, clear of the side bar and the graph menu (DOM widgets
+    off screen are hidden)."""
+    page.eval(f"""(async () => {{ const app = window.__hk.app, n = window.__hk.node({json.dumps(node_id)});
+      app.canvas.ds.scale = 1; app.canvas.ds.offset = [140 - n.pos[0], 160 - n.pos[1]]; app.canvas.setDirty(true, true);
+      for (let i = 0; i < 6; i++) await new Promise((r) => requestAnimationFrame(r)); return true; }})()""")
+
+
+def _measure_report(page: Browser, node_id: str) -> dict:
+    return page.eval(f"""(() => {{
+      const hk = window.__hk, n = hk.node({json.dumps(node_id)}), el = hk.widgetEl(n, 'hadakron_report_view');
+      const r = el.getBoundingClientRect(), node = hk.nodeScreenRect({json.dumps(node_id)});
+      const hint = el.querySelector('.hadakron-more');
+      return {{ shown: el.clientHeight, content: el.scrollHeight, width: el.clientWidth, clipped: hk.clipped(el),
+        styles: hk.wrapStyles(el), breaks: hk.midWordBreaks(el), bottom: r.bottom, right: r.right,
+        node_bottom: node.y + node.height, node_right: node.x + node.width,
+        hint: !!hint && getComputedStyle(hint).display !== 'none' }}; }})()""")
+
+
+def _check_readable(page: Browser, node_id: str, name: str) -> dict:
+    """The report on a node: no word-breaking style, no line broken inside a word or number (rendered text
+    measured), every cut element scrolls with a visible scrollbar (and the bottom hint when the report itself is
+    cut), the report inside its node; again with every section opened, and with the report 190 px wide (so that long
+    lines must wrap). Screenshots of each."""
+    _show_node(page, node_id)
+    out = {}
+    report_el = f"window.__hk.widgetEl(window.__hk.node({json.dumps(node_id)}), 'hadakron_report_view')"
+    for phase in ("default", "expanded", "narrow"):
+        if phase == "narrow":
+            page.eval(f"""(async () => {{ {report_el}.style.width = '190px';
+              for (let i = 0; i < 8; i++) await new Promise((r) => requestAnimationFrame(r)); return true; }})()""")
+        if phase == "expanded":
+            page.eval(f"""(async () => {{ const el = window.__hk.widgetEl(window.__hk.node({json.dumps(node_id)}),
+              'hadakron_report_view'); el.querySelectorAll('details').forEach((d) => {{ d.open = true; }});
+              for (let i = 0; i < 6; i++) await new Promise((r) => requestAnimationFrame(r)); return true; }})()""")
+            _show_node(page, node_id)
+        m = _measure_report(page, node_id)
+        assert not [st for st in m["styles"] if any(b in st for b in BAD_WRAP)], (name, phase, m["styles"])
+        assert m["breaks"]["bad"] == [], (name, phase, "lines broken inside a word/number", m["breaks"])
+        for c in m["clipped"]:
+            assert c["overflow"] in ("auto", "scroll") and c["bar"] > 0, (name, phase, "cut without a scrollbar", c)
+            if "hadakron-report" in str(c["cls"]) and c["axis"] == "y" and phase == "default":
+                assert m["hint"], (name, "report cut without the 'more below' hint", m)
+        assert m["bottom"] <= m["node_bottom"] + 1 and m["right"] <= m["node_right"] + 1, (name, phase, m)
+        if phase == "narrow":
+            assert m["breaks"]["wrapped"] > 0, (name, "nothing wrapped in a 190 px report", m)
+        _node_screenshot(page, node_id, f"{name}-{phase}")
+        out[phase] = m
+        print(f"{name} report ({phase}): shown {m['shown']} of {m['content']} px, width {m['width']} px, "
+              f"{m['breaks']['wrapped']} wrapped lines, cut elements {[(c['cls'], c['axis'], c['shown'], c['content']) for c in m['clipped']]}")
+    page.eval(f"(() => {{ {report_el}.style.width = ''; return true; }})()")
+    return out
+
+
+def _check_heatmap(page: Browser, node_id: str, report: dict) -> None:
+    """The loader's heatmap: one cell per block of delta_norms; where a block has norm the cell is coloured (and the
+    largest norm is the brightest), where it has no module the cell is the empty grey."""
+    cells = report["delta_norms"]["cells"]
+    assert any(c["norm"] > 0 for c in cells), cells
+    got = page.eval(f"""(() => {{
+      const el = window.__hk.widgetEl(window.__hk.node({json.dumps(node_id)}), 'hadakron_report_view');
+      const c = el.querySelector('canvas.hadakron-heatmap');
+      if (!c || !c.dataset.rects) return null;
+      const k = Number(c.dataset.scale), d = c.getContext('2d');
+      return {{ cells: Number(c.dataset.cells), px: JSON.parse(c.dataset.rects).map(([x, y, w, h, b]) =>
+        [b, [...d.getImageData(Math.floor((x + 2) * k), Math.floor((y + 2) * k), 1, 1).data].slice(0, 3)]) }}; }})()""")
+    assert got is not None, "no heatmap canvas drawn on the loader"
+    assert got["cells"] == len(cells) == len(got["px"])
+    assert [b for b, _ in got["px"]] == [c["block"] for c in cells]
+    grey = {(0x2c,) * 3, (0x45,) * 3, (0x1b,) * 3}
+    for (block, px), c in zip(got["px"], cells):
+        if c["modules"] == 0:
+            assert all(abs(v - 0x2c) <= 2 for v in px), (block, px, "empty block not drawn empty")
+        elif c["norm"] > 0:
+            assert tuple(px) not in grey and max(px) - min(px) > 20, (block, px, "block with norm not coloured")
+    top = max(range(len(cells)), key=lambda i: cells[i]["norm"])
+    assert sum(got["px"][top][1]) == max(sum(p) for _, p in got["px"]), (cells[top], got["px"][top])
+
+
 def _check_reports(page: Browser, prompt: dict, history: dict) -> None:
     for node_id in nodes_of(prompt, "HadakronLoader"):
         report = load_report(history["outputs"][node_id])
         assert report["matched_count"] > 0, report
         assert _shown_report(page, node_id)["head"] == _expected_headline(report)
-    for typ in ("HadakronSaveAdapter", "HadakronAdapterMerge", "HadakronAdapterCombine"):
+        _check_readable(page, node_id, f"loader-{report['family']}-{node_id}")
+        _check_heatmap(page, node_id, report)
+    for typ, label in (("HadakronSaveAdapter", "save"), ("HadakronAdapterMerge", "merge"),
+                       ("HadakronAdapterCombine", "combine")):
         for node_id in nodes_of(prompt, typ):
             text = history["outputs"][node_id]["text"][0]
-            assert text.splitlines()[0] in _shown_report(page, node_id)["text"], (typ, text)
+            shown = _shown_report(page, node_id)
+            assert shown["head"] == text.splitlines()[0], (typ, shown, text)
+            assert text.splitlines()[0] in shown["text"], (typ, text)
+            _check_readable(page, node_id, f"{label}-{node_id}")
 
 
 # CI queues these with the Run button (one train, one load, merge); the SDXL train template runs in the full suite
@@ -537,9 +696,61 @@ def test_template_runs_from_the_run_button(page, comfy, path, object_info, file_
     if trains:
         _reload_mid_run(page, prompt, live_before)
     history = _finished(comfy, prompt_id)
-    _check_reports(page, prompt, history)
+    for typ in ("HadakronLoader", "HadakronSaveAdapter", "HadakronAdapterMerge", "HadakronAdapterCombine"):
+        for node_id in nodes_of(prompt, typ):
+            _shown_report(page, node_id)
     assert _overlaps(page.eval("window.__hk.layout()")) == [], f"{path.name}: nodes overlap after the run's results"
+    _check_reports(page, prompt, history)  # opens every report section (nodes may then grow into their neighbours)
     if trains:
         _check_trainer_chart(page, prompt, history, live_before)  # last: it reloads the workflow again
     assert _our_problems(page) == []
     print(f"{path.stem} from the Run button: {time.time() - t0:.1f} s")
+
+
+def test_trainer_chart_interrupted_then_failed(page, comfy, object_info, file_names):
+    """Real runs, states from ComfyUI's own events matched to the trainer's id: a long run interrupted through
+    POST /interrupt after its first live steps shows 'interrupted' with its curve; then a run whose trainer raises
+    (autosave_prefix leaves the output folder) shows 'failed' with the one-line reason while the interrupted run's
+    curve stays drawn, also after the workflow is saved and opened again."""
+    path = next(p for p in workflow_paths() if p.stem == "hadakron_anima_train_lokr")
+    _load_template(page, path.stem)
+    prompt = prompt_for_test_run(json.loads(path.read_text()), object_info, file_names[family_of(path)],
+                                 trainer_steps=300)
+    trainer = first_of(prompt, list(TRAINER_TYPES))
+    live_before = page.eval("window.__hk.loss.length")
+    prompt_id = _queue_from_button(page, prompt)
+    seen = f"window.__hk.loss.slice({live_before}).filter((e) => String(e.node) === {json.dumps(trainer)}).length"
+    page.wait_for(f"{seen} >= 3", timeout=900, what="three live loss events")
+    running = _chart(page, trainer, "state === 'running' && points >= 3", "the running chart")
+    assert running["badge"] == "running", running
+    _node_screenshot(page, trainer, "trainer-running")
+    comfy.interrupt()
+    history = _wait_for_history(comfy, prompt_id)
+    assert history["status"]["status_str"] == "error", history["status"]
+    assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"]), history["status"]
+    stopped = _chart(page, trainer, "state === 'interrupted' && points >= 3", "the interrupted chart")
+    steps_done = stopped["points"]
+    assert stopped["badge"] == "interrupted" and "/ 300" in stopped["txt"], stopped
+    assert stopped["px"]["orange"] > 20, stopped["px"]  # the run's curve is drawn
+    assert stopped["stored_state"] == {"state": "interrupted", "reason": ""}, stopped
+    _node_screenshot(page, trainer, "trainer-interrupted")
+
+    failing = json.loads(json.dumps(prompt))
+    holder = next(k for k, v in failing.items() if "autosave_prefix" in v["inputs"])
+    failing[holder]["inputs"]["autosave_prefix"] = "../outside_output"
+    failing[trainer]["inputs"]["steps"] = TRAIN_STEPS
+    prompt_id = _queue_from_button(page, failing)
+    history = _wait_for_history(comfy, prompt_id)
+    errors = [m[1] for m in history["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and str(errors[0]["node_id"]) == trainer, history["status"]
+    reason = errors[0]["exception_message"].strip().splitlines()[0]
+    assert "autosave_prefix" in reason, reason
+    failed = _chart(page, trainer, "state === 'failed'", "the failed chart")
+    assert failed["badge"] == "failed" and failed["msg"] == f"failed: {reason}", (failed, reason)
+    assert failed["points"] == steps_done and failed["px"]["orange"] > 20, failed  # the last good curve stays
+    assert failed["stored_state"] == {"state": "failed", "reason": reason}, failed
+    _node_screenshot(page, trainer, "trainer-failed")
+    _reload_workflow(page)
+    again = _chart(page, trainer, f"state === 'failed' && points === {steps_done}", "the failed chart after a reload")
+    assert again["msg"] == f"failed: {reason}", again
+    assert _our_problems(page) == []

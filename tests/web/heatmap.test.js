@@ -63,10 +63,17 @@ test("drawHeatmap fills one rectangle per cell with its colour", () => {
   const h = sdxlHeat();
   const lay = heatmapLayout(h, 360);
   const fills = [];
+  const marks = [];
+  let path = [];
   const ctx = { fillStyle: "", font: "", textAlign: "", textBaseline: "",
-    fillRect(x, y, w, hh) { fills.push([this.fillStyle, x, y, w, hh]); }, fillText() {} };
+    fillRect(x, y, w, hh) { fills.push([this.fillStyle, x, y, w, hh]); }, fillText() {},
+    beginPath() { path = []; }, moveTo(x, y) { path.push([x, y]); }, lineTo(x, y) { path.push([x, y]); },
+    fill() { marks.push(path); } };
   drawHeatmap(ctx, h, lay);
   for (const c of lay.cells) assert.ok(fills.some((f) => f[0] === c.fill && f[1] === c.x && f[2] === c.y), c.index);
+  // one corner mark, on the only inexact block with modules (OUT01)
+  const out01 = lay.cells.find((c) => h.cells[c.index].block === "OUT01");
+  assert.deepEqual(marks, [[[out01.x + out01.w - 5, out01.y], [out01.x + out01.w, out01.y], [out01.x + out01.w, out01.y + 5]]]);
 });
 
 test("formatNorm and cellText", () => {

@@ -99,7 +99,8 @@ export function heatmapLayout(heat, width) {
 }
 
 /**
- * Draws the heatmap: row labels, one filled square per block (index digits inside when they fit), a colour scale.
+ * Draws the heatmap: row labels, one filled square per block (index digits inside when they fit; a light corner
+ * mark where the value is an upper bound), a colour scale.
  * @param {CanvasRenderingContext2D} ctx scaled so one unit is one CSS pixel
  * @param {NonNullable<ReturnType<typeof parseHeatmap>>} heat
  * @param {ReturnType<typeof heatmapLayout>} layout
@@ -117,6 +118,15 @@ export function drawHeatmap(ctx, heat, layout) {
     ctx.fillStyle = cell.fill;
     ctx.fillRect(cell.x, cell.y, cell.w, cell.h);
     const c = heat.cells[cell.index];
+    if (c.modules && !c.exact) {
+      // an upper bound, not the exact norm: a light corner mark
+      ctx.fillStyle = "#f0f0f0";
+      ctx.beginPath();
+      ctx.moveTo(cell.x + cell.w - 5, cell.y);
+      ctx.lineTo(cell.x + cell.w, cell.y);
+      ctx.lineTo(cell.x + cell.w, cell.y + 5);
+      ctx.fill();
+    }
     const digits = /(\d+)$/.exec(c.block);
     const text = digits ? String(Number(digits[1])) : "";
     if (text && cell.w >= 6 * text.length + 2) {

@@ -1,4 +1,5 @@
-"""LoKr/LoHa Trainer and Save Adapter through a real ComfyUI server (POST /prompt), fed by ComfyUI's own nodes.
+"""LoKr/LoHa Trainer (compact, with its option nodes; and the legacy all-in-one node fed the old API form) and
+Save Adapter through a real ComfyUI server (POST /prompt), fed by ComfyUI's own nodes.
 
 Every prompt here is built from core nodes (CheckpointLoaderSimple or UNETLoader/CLIPLoader/VAELoader, LoadImage,
 VAEEncode, CLIPTextEncode, KSampler, VAEDecode, SaveImage, SaveLatent, LoraLoader, ModelSave) around the pack's
@@ -36,22 +37,56 @@ PROMPT_TEXT = "a photo of a cat"
 
 
 def trainer_inputs(algo: str, **over) -> dict:
-    """Every widget of a trainer node (the API prompt must carry all required ones), set for short CPU runs:
-    dim 4, fp32 (no autocast casts on CPU), no gradient checkpointing (tiny latents), batch 1."""
+    """Every setting of a trainer (the legacy node's widgets: the API prompt must carry all required ones), set for
+    short CPU runs: dim 4, fp32 (no autocast casts on CPU), no gradient checkpointing (tiny latents), batch 1."""
     kw = dict(steps=STEPS, batch_size=1, learning_rate=TRAIN_LR, optimizer="AdamW", scheduler="constant",
               warmup_steps=0, seed=SEED, network_dim=4, network_alpha=4.0, use_tucker=False, use_scalar=False,
               conv_dim=0, conv_alpha=1.0, rank_dropout=0.0, module_dropout=0.0, exclude_patterns="",
               include_patterns="", network_reg_dims="", network_reg_lrs="", loraplus_lr_ratio=0.0,
               train_llm_adapter=False, gradient_checkpointing=False, training_dtype="fp32", grad_accum_steps=1,
               max_grad_norm=1.0, weight_decay=0.0, save_every=0, autosave_prefix="hadakron/autosave",
-              resume_from="none")
+              resume_from="None")
     if algo == "lokr":
         kw.update(factor=4, decompose_both=False)
     kw.update(over)
     return kw
 
 
-TRAINER_CLASS = {"lokr": "HadakronLoKrTrainer", "loha": "HadakronLoHaTrainer"}
+TRAINER_CLASS = {"lokr": "HadakronTrainLoKr", "loha": "HadakronTrainLoHa"}
+LEGACY_CLASS = {"lokr": "HadakronLoKrTrainer", "loha": "HadakronLoHaTrainer"}
+# the option nodes and the settings each carries (written here, not read from the pack: a setting moved to another
+# node, or dropped, fails the prompt's validation)
+OPTION_NODES = {
+    "network_options": ("HadakronNetworkOptions", (
+        "decompose_both", "use_tucker", "use_scalar", "conv_dim", "conv_alpha", "rank_dropout", "module_dropout",
+        "exclude_patterns", "include_patterns", "network_reg_dims", "network_reg_lrs", "loraplus_lr_ratio",
+        "train_llm_adapter")),
+    "optimizer_options": ("HadakronOptimizerOptions", (
+        "optimizer", "scheduler", "warmup_steps", "weight_decay", "te_learning_rate")),
+    "precision_options": ("HadakronPrecisionOptions", (
+        "training_dtype", "gradient_checkpointing", "batch_size", "grad_accum_steps", "max_grad_norm")),
+}
+
+
+def train_node(g: Graph, algo: str, model, latents, positive, *, clip=None, captions: str | None = None,
+               te_learning_rate: float = 0.0, legacy: bool = False, **over):
+    """A trainer fed by `model`/`latents`/`positive` with `trainer_inputs(algo, **over)`: the compact node with the
+    three option nodes (captions from a core text node, as the UI links them), or with `legacy` the all-in-one node
+    with every setting as a widget (the API form workflows saved before the option nodes hold)."""
+    kw = trainer_inputs(algo, **over)
+    data = dict(model=model, latents=latents, positive=positive)
+    if clip is not None:
+        data["clip"] = clip
+    if legacy:
+        te = {"captions": captions, "te_learning_rate": te_learning_rate} if captions is not None else {}
+        return g.node(LEGACY_CLASS[algo], **data, **kw, **te)
+    settings = dict(kw, te_learning_rate=te_learning_rate)
+    settings.setdefault("decompose_both", False)
+    for socket, (node, names) in OPTION_NODES.items():
+        data[socket] = g.node(node, **{name: settings.pop(name) for name in names})
+    if captions is not None:
+        data["captions"] = g.node("PrimitiveStringMultiline", value=captions)
+    return g.node(TRAINER_CLASS[algo], **data, **settings)
 
 
 def sdxl_data(g: Graph, files, image: str):
@@ -193,12 +228,11 @@ def sdxl_trained(comfy, sdxl_files, input_image):
     g = Graph()
     ckpt, latent, positive = sdxl_data(g, sdxl_files, input_image)
     trainers = {
-        "lokr": g.node(TRAINER_CLASS["lokr"], model=ckpt[0], latents=latent[0], positive=positive[0],
-                       **trainer_inputs("lokr")),
-        "loha": g.node(TRAINER_CLASS["loha"], model=ckpt[0], latents=latent[0], positive=positive[0],
-                       **trainer_inputs("loha")),
-        "still": g.node(TRAINER_CLASS["lokr"], model=ckpt[0], latents=latent[0], positive=positive[0],
-                        **trainer_inputs("lokr", learning_rate=STILL_LR)),
+        "lokr": train_node(g, "lokr", ckpt[0], latent[0], positive[0]),
+        "loha": train_node(g, "loha", ckpt[0], latent[0], positive[0]),
+        "still": train_node(g, "lokr", ckpt[0], latent[0], positive[0], learning_rate=STILL_LR),
+        # the legacy node as workflows saved before the option nodes send it ("none": resume_from's old spelling)
+        "legacy": train_node(g, "lokr", ckpt[0], latent[0], positive[0], legacy=True, resume_from="none"),
     }
     previews = {k: g.node("PreviewAny", source=t[2]).id for k, t in trainers.items()}
     samples = {"base": sample(g, ckpt[0], positive[0], latent[0], ckpt[2], "sdxl_base")}
@@ -217,6 +251,9 @@ def test_sdxl_loss_falls_and_events_match(sdxl_trained):
     """LoKr and LoHa losses fall against the paired STILL_LR run; live events and LOSS_MAP carry the same losses."""
     run, ids = sdxl_trained["run"], sdxl_trained["trainers"]
     curves = {k: loss_curve(run, node) for k, node in ids.items()}
+    # the legacy all-in-one node, sent the old API form with the same settings, trains exactly as the compact
+    # node with its option nodes (same seed, same settings: the same float operations)
+    assert curves["legacy"]["loss"] == curves["lokr"]["loss"], (curves["legacy"], curves["lokr"])
     for k, node in ids.items():
         assert curves[k]["first_step"] == 1
         assert loss_output(run, sdxl_trained["previews"][k]) == curves[k]["loss"]
@@ -285,8 +322,7 @@ def test_sdxl_saved_files_load_in_next_prompt(comfy, sdxl_files, input_image, sd
                         "ours": sample(g2, ours[0], positive2[0], latent2[0], ckpt2[2], f"next_{algo}_ours"),
                         "report": ours.id}
     save_base = g2.node("ModelSave", model=ckpt2[0], filename_prefix="trainer_server/base_after_training")
-    again = g2.node(TRAINER_CLASS["lokr"], model=ckpt2[0], latents=latent2[0], positive=positive2[0],
-                    **trainer_inputs("lokr", steps=1, seed=SEED + 1))
+    again = train_node(g2, "lokr", ckpt2[0], latent2[0], positive2[0], steps=1, seed=SEED + 1)
     save_again = g2.node("HadakronSaveAdapter", adapter=again[0], filename_prefix="server/sdxl_lokr")
     run = comfy.run(g2, timeout=1800)
     log = comfy.log.read_text(errors="replace")[log_start:]
@@ -360,8 +396,7 @@ def test_interrupt_autosaves_and_resume_continues(comfy, sdxl_files, input_image
     settings = dict(steps=40, save_every=2, autosave_prefix=prefix, seed=SEED + 10)
     g = Graph()
     ckpt, latent, positive = sdxl_data(g, sdxl_files, input_image)
-    trainer = g.node(TRAINER_CLASS["lokr"], model=ckpt[0], latents=latent[0], positive=positive[0],
-                     **trainer_inputs("lokr", **settings))
+    trainer = train_node(g, "lokr", ckpt[0], latent[0], positive[0], **settings)
     prompt_id = comfy.queue(g)
     assert wait_for_loss_step(comfy, prompt_id, trainer.id, 3)["step"] == 3
     comfy.interrupt()
@@ -390,10 +425,11 @@ def test_interrupt_autosaves_and_resume_continues(comfy, sdxl_files, input_image
     g2 = Graph()
     ckpt2, latent2, positive2 = sdxl_data(g2, sdxl_files, input_image)
     total = done + 2
-    resumed = g2.node(TRAINER_CLASS["lokr"], model=ckpt2[0], latents=latent2[0], positive=positive2[0],
-                      **trainer_inputs("lokr", **dict(settings, steps=total, save_every=0, resume_from=name)))
-    reference = g2.node(TRAINER_CLASS["lokr"], model=ckpt2[0], latents=latent2[0], positive=positive2[0],
-                        **trainer_inputs("lokr", **dict(settings, steps=total, save_every=0)))
+    resumed = train_node(g2, "lokr", ckpt2[0], latent2[0], positive2[0],
+                         **dict(settings, steps=total, save_every=0, resume_from=name))
+    # the reference on the legacy node (old API form, resume_from "none"): the same run as the compact node's
+    reference = train_node(g2, "lokr", ckpt2[0], latent2[0], positive2[0], legacy=True,
+                           **dict(settings, steps=total, save_every=0, resume_from="none"))
     save = g2.node("HadakronSaveAdapter", adapter=resumed[0], filename_prefix=f"{prefix}_resumed")
     preview = g2.node("PreviewAny", source=resumed[2])
     run2 = comfy.run(g2, timeout=1800)
@@ -442,11 +478,9 @@ def train_family_prompt(comfy, family: str, files, image: str, *, train_te: bool
         model, clip, vae = unet[0], clip_node[0], vae_node[0]
     te = dict(clip=clip, captions=CAPTIONS, te_learning_rate=TE_LR) if train_te else {}
     tag = f"{family}_{'te' if train_te else 'unet'}"
-    trained = g.node(TRAINER_CLASS["lokr"], model=model, latents=latent[0], positive=positive[0],
-                     **trainer_inputs("lokr", steps=steps), **te)
+    trained = train_node(g, "lokr", model, latent[0], positive[0], steps=steps, **te)
     still_te = dict(te, te_learning_rate=0.0) if train_te else {}  # 0: the text encoders take STILL_LR too
-    still = g.node(TRAINER_CLASS["lokr"], model=model, latents=latent[0], positive=positive[0],
-                   **trainer_inputs("lokr", steps=steps, learning_rate=STILL_LR), **still_te)
+    still = train_node(g, "lokr", model, latent[0], positive[0], steps=steps, learning_rate=STILL_LR, **still_te)
     base = sample(g, model, positive[0], latent[0], vae, f"{tag}_base")
     with_model = sample(g, trained[1], positive[0], latent[0], vae, f"{tag}_trained")
     if train_te:

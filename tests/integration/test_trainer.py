@@ -337,3 +337,68 @@ def test_gradient_checkpointing_really_checkpoints(family, trainer_mod, small_sd
                    gradient_checkpointing=False)["result"][2]["loss"]
     assert len(calls) == n  # off means off
     assert on == pytest.approx(off, rel=1e-5)
+
+
+# ---------------------------------------------------------------- compact trainer + option nodes vs the legacy node
+
+def _widget_defaults(node_cls) -> dict:
+    """{input: default} of every widget of a node class, as a fresh node in the frontend holds them."""
+    spec = node_cls.INPUT_TYPES()
+    return {name: s[1]["default"] for section in ("required", "optional") for name, s in spec.get(section, {}).items()
+            if len(s) > 1 and "default" in s[1]}
+
+
+def _call(node_cls, model, latents, positive, **inputs):
+    with torch.inference_mode():
+        return node_cls().train(model=[model], latents=[latents], positive=[positive], unique_id=["7"],
+                                **{k: [v] for k, v in inputs.items()})["result"]
+
+
+def _same_run(a, b) -> None:
+    (adapter_a, _, loss_a, _), (adapter_b, _, loss_b, _) = a, b
+    assert loss_a["loss"] == loss_b["loss"]
+    assert adapter_a.tensors.keys() == adapter_b.tensors.keys()
+    assert all(torch.equal(adapter_a.tensors[k], adapter_b.tensors[k]) for k in adapter_a.tensors)
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_compact_trainer_without_options_trains_as_the_legacy_defaults(algo, trainer_mod, small_sdxl, output_dir):
+    """No option node connected: the same run, bit for bit, as a fresh legacy node left at its widget defaults
+    (bf16 autocast, gradient checkpointing, AdamW with weight decay 0.01, clipping at 1.0)."""
+    legacy, compact = ((trainer_mod.HadakronLoKrTrainer, trainer_mod.HadakronTrainLoKr) if algo == "lokr"
+                       else (trainer_mod.HadakronLoHaTrainer, trainer_mod.HadakronTrainLoHa))
+    latents, positive = sdxl_inputs()
+    old = dict(_widget_defaults(legacy), steps=2)
+    new = dict(_widget_defaults(compact), steps=2)
+    assert set(new) < set(old) and len(new) <= 10, sorted(new)  # the compact node: a few widgets
+    _same_run(_call(legacy, small_sdxl, latents, positive, **old), _call(compact, small_sdxl, latents, positive, **new))
+
+
+def test_option_nodes_carry_their_settings(trainer_mod, pack, small_sdxl, output_dir):
+    """Each option node's dict reaches the run: non-default settings in all three groups give the same run as the
+    legacy node with those widgets; a dict with a setting of no group is refused before training."""
+    import importlib
+    options = importlib.import_module(pack.__name__ + ".nodes.trainer_options")
+    nodes = options.NODE_CLASS_MAPPINGS
+    latents, positive = sdxl_inputs()
+    network = dict(_widget_defaults(nodes["HadakronNetworkOptions"]), use_scalar=True, decompose_both=True,
+                   exclude_patterns=".*attn2.*")
+    optimizer = dict(_widget_defaults(nodes["HadakronOptimizerOptions"]), scheduler="linear", warmup_steps=1,
+                     weight_decay=0.0)
+    precision = dict(_widget_defaults(nodes["HadakronPrecisionOptions"]), training_dtype="fp32",
+                     gradient_checkpointing=False, batch_size=2, max_grad_norm=0.5)
+    own = dict(_widget_defaults(trainer_mod.HadakronTrainLoKr), steps=3, learning_rate=LR, network_dim=4,
+               network_alpha=4.0, factor=4, seed=11)
+    dicts = {"network_options": nodes["HadakronNetworkOptions"]().options(**network)[0],
+             "optimizer_options": nodes["HadakronOptimizerOptions"]().options(**optimizer)[0],
+             "precision_options": nodes["HadakronPrecisionOptions"]().options(**precision)[0]}
+    compact = _call(trainer_mod.HadakronTrainLoKr, small_sdxl, latents, positive, **own, **dicts)
+    legacy = _call(trainer_mod.HadakronLoKrTrainer, small_sdxl, latents, positive,
+                   **dict(_widget_defaults(trainer_mod.HadakronLoKrTrainer), **own, **network, **optimizer,
+                          **precision))
+    _same_run(compact, legacy)
+    assert compact[0].metadata["ss_lr_scheduler"] == "linear" and compact[0].metadata["ss_train_batch_size"] == "2"
+    assert not any("attn2" in k for k in compact[0].tensors)
+    with pytest.raises(ValueError, match="network_options.*unknown settings.*'steps'"):
+        _call(trainer_mod.HadakronTrainLoKr, small_sdxl, latents, positive, **own,
+              network_options=dict(dicts["network_options"], steps=5))

@@ -35,6 +35,11 @@ COUNTER_SUFFIX_BYTES = len("_step1000000") + len("_000001_.safetensors") + 4
 extension (`_00001_.safetensors`, `.trainstate`), so a prefix that passes the check fits at every autosave too."""
 
 
+def shown(text: str, limit: int = 120) -> str:
+    """`text` quoted for a message, cut to `limit` characters (a 300-character prefix would drown the line)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def loras_output_dir() -> Path:
     """`<output>/loras`, the folder every save goes into."""
     return Path(folder_paths.get_output_directory()).resolve() / "loras"
@@ -44,25 +49,26 @@ def check_name_part(part: str, *, input_name: str, prefix: str, limit: int) -> N
     """Refuse one `/`-separated part of a prefix that is `..`, a Windows device name, holds characters Windows
     refuses or a control character, ends in a dot or space, or is longer than `limit` bytes."""
     if part == "..":
-        raise AdapterSaveError(f"{input_name} {prefix!r} uses '..', which leaves the output folder; "
+        raise AdapterSaveError(f"{input_name} {shown(prefix)} uses '..', which leaves the output folder; "
                                f"give a name inside it")
     if any(ord(c) < 32 or ord(c) == 127 for c in part):
-        raise AdapterSaveError(f"{input_name} {prefix!r} holds a control character (NUL, newline, tab...); "
+        raise AdapterSaveError(f"{input_name} {shown(prefix)} holds a control character (NUL, newline, tab...); "
                                f"use plain characters")
     bad = sorted(WINDOWS_BAD_CHARS.intersection(part))
     if bad:
-        raise AdapterSaveError(f"{input_name} {prefix!r} holds {' '.join(bad)}, which Windows refuses in file names; "
-                               f"use other characters")
+        raise AdapterSaveError(f"{input_name} {shown(prefix)} holds {' '.join(bad)}, which Windows refuses in file "
+                               f"names; use other characters")
     if part.endswith((".", " ")):
-        raise AdapterSaveError(f"{input_name} {prefix!r}: the name {part!r} ends in a dot or space, which Windows "
+        raise AdapterSaveError(f"{input_name} {shown(prefix)}: the name {part!r} ends in a dot or space, which Windows "
                                f"drops; remove it")
     if part.split(".")[0].strip().upper() in WINDOWS_RESERVED:
-        raise AdapterSaveError(f"{input_name} {prefix!r}: {part!r} is a reserved device name on Windows "
+        raise AdapterSaveError(f"{input_name} {shown(prefix)}: {part!r} is a reserved device name on Windows "
                                f"(CON, PRN, AUX, NUL, COM1-9, LPT1-9); choose another name")
     n = len(part.encode("utf-8", "surrogateescape"))
     if n > limit:
-        raise AdapterSaveError(f"{input_name} {prefix!r}: the name {part[:40]!r}... is {n} bytes long; at most "
-                               f"{limit} fit (the file system allows {limit + COUNTER_SUFFIX_BYTES} with the counter)")
+        raise AdapterSaveError(f"{input_name} {shown(prefix)}: the name {shown(part, 24)} is {n} bytes long; at most "
+                               f"{limit} fit before the counter and extension (the file system allows "
+                               f"{limit + COUNTER_SUFFIX_BYTES} per name)")
 
 
 def checked_output_base(prefix: str, *, root: Path | None = None, input_name: str = "filename_prefix") -> Path:
@@ -78,27 +84,27 @@ def checked_output_base(prefix: str, *, root: Path | None = None, input_name: st
     prefix = prefix.strip().replace("\\", "/")
     root = (root or loras_output_dir()).resolve()
     if "\0" in prefix:
-        raise AdapterSaveError(f"{input_name} {raw!r} holds a NUL byte; use plain characters")
+        raise AdapterSaveError(f"{input_name} {shown(raw)} holds a NUL byte; use plain characters")
     if not prefix or prefix.endswith("/"):
-        raise AdapterSaveError(f"{input_name} {raw!r} names no file")
+        raise AdapterSaveError(f"{input_name} {shown(raw)} names no file")
     if os.path.isabs(prefix) or PureWindowsPath(prefix).drive or prefix.startswith("/"):
-        raise AdapterSaveError(f"{input_name} {raw!r} is absolute; give a name inside {root}")
+        raise AdapterSaveError(f"{input_name} {shown(raw)} is absolute; give a name inside {root}")
     parts = [p for p in prefix.split("/") if p not in ("", ".")]
     if not parts:
-        raise AdapterSaveError(f"{input_name} {raw!r} names no file")
+        raise AdapterSaveError(f"{input_name} {shown(raw)} names no file")
     limit = name_limit(root)
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         check_name_part(part, input_name=input_name, prefix=raw, limit=limit - COUNTER_SUFFIX_BYTES if last else limit)
     base = root.joinpath(*parts).resolve()
     if root != base and root not in base.parents:
-        raise AdapterSaveError(f"{input_name} {raw!r} leaves the output folder {root} (through a symlink?); "
+        raise AdapterSaveError(f"{input_name} {shown(raw)} leaves the output folder {root} (through a symlink?); "
                                f"refusing to save there")
     folder = base.parent
     while not folder.exists() and folder.parent != folder:
         folder = folder.parent
     if not folder.is_dir():
-        raise AdapterSaveError(f"{input_name} {raw!r}: {folder} is a file, not a folder; choose another name")
+        raise AdapterSaveError(f"{input_name} {shown(raw)}: {folder} is a file, not a folder; choose another name")
     return base
 
 

@@ -49,11 +49,16 @@ def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse, before any work: a NUL byte in any path, an output name the file system cannot hold, an output that
     is a folder, an existing output without --force, a missing folder, or an output that is one of the inputs
     (the same path, or the same file through a symlink or hard link: writing it would replace an input)."""
-    from hadakron.io.writer import OutputWriteError, check_output_path, same_file
+    from hadakron.io.writer import OutputWriteError, check_output_path, name_limit, same_file
 
     for p in [out, *inputs]:
         if "\0" in str(p):
             raise CommandError(f"{str(p)!r}: the path holds a NUL byte; give a plain file name")
+    for p in inputs:
+        too_long = [part for part in p.parts if len(os.fsencode(part)) > name_limit(p.parent)]
+        if too_long:
+            raise CommandError(f"{str(p)[:80]}...: the name {too_long[0][:24]!r}... is {len(os.fsencode(too_long[0]))} "
+                               f"bytes long, more than any file name here can be; check the path")
     try:
         check_output_path(out)
     except OutputWriteError as exc:

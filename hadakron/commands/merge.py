@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     """Bake, print the report; 0 when the output was written."""
     from hadakron.io.safetensors_header import read_header
 
+    check_output(args.output, args.force, [args.base] + [p for p, _ in args.adapters])
     if not args.base.is_file():
         raise CommandError(f"{args.base}: no such checkpoint file")
-    check_output(args.output, args.force, [args.base] + [p for p, _ in args.adapters])
     for path, _ in args.adapters:  # unreadable inputs fail here, before torch is imported
         read_header(path)
     total = sum(e.end - e.begin for e in read_header(args.base).entries)

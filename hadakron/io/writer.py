@@ -145,8 +145,9 @@ def check_output_path(path: str | Path) -> None:
     for part in path.parts:
         n = len(os.fsencode(part))
         if n > limit:
-            raise OutputWriteError(errno.ENAMETOOLONG, f"{path}: the name {part[:40]!r}... is {n} bytes long; the file "
-                                                       f"system allows at most {limit}; use a shorter name")
+            shown = text if len(text) <= 100 else text[:100] + "..."
+            raise OutputWriteError(errno.ENAMETOOLONG, f"{shown}: the name {part[:24]!r}... is {n} bytes long; the "
+                                                       f"file system allows at most {limit}; use a shorter name")
     if path.is_dir():
         raise OutputWriteError(errno.EISDIR, f"{path}: is a folder; give a file name inside it "
                                              f"(e.g. {path / 'out.safetensors'})")

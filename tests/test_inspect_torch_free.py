@@ -117,3 +117,17 @@ def test_inspect_process_never_imports_torch(tmp_path):
     done = _run_inspect(tmp_path, bad)
     assert json.loads(done.stderr.splitlines()[-1]) == {"rc": 1, "torch": False}
     assert "truncated" in done.stderr.splitlines()[0]
+
+
+def test_peft_config_file_reports_equal(tmp_path):
+    """A PEFT adapter whose adapter_config.json sets the scale: inspect applies it as read_adapter does."""
+    dotted = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    t = {k.replace(f"{Q}.", f"base_model.model.{dotted}."): v for k, v in _loha(Q, 640, 640, 2).items()
+         if not k.endswith(".alpha")}
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    safetensors.torch.save_file(t, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": 2, "alpha": 8}))
+    report = _same_report(folder / "adapter_model.safetensors")
+    assert report["layout"] == "peft" and report["tensors"] == 5  # the config's alpha is synthesized
+    assert report["problems"] == []

@@ -178,13 +178,30 @@ def shown_path(path) -> str:
         return Path(path).name
 
 
-def check_resume_from(values) -> bool | str:
-    """VALIDATE_INPUTS for resume_from: NONE (or the old "none"), or a file of the loras folder."""
-    names = set(folder_paths.get_filename_list("loras"))
-    for value in values if isinstance(values, list) else [values]:
-        value = canonical_none(value)
-        if value != NONE and value not in names:
-            return f"resume_from {value!r} is not in the loras folder"
+def migrate_prompt(json_data):
+    """POST /prompt hook: a trainer's `resume_from` in its old spelling ("none") becomes NONE before the server's own
+    combo check, so workflows and API prompts saved with it still run (nothing else is touched)."""
+    prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+    for node in (prompt.values() if isinstance(prompt, dict) else ()):
+        inputs = node.get("inputs") if isinstance(node, dict) and node.get("class_type") in TRAINER_IDS else None
+        if isinstance(inputs, dict) and isinstance(inputs.get("resume_from"), str):
+            inputs["resume_from"] = canonical_none(inputs["resume_from"])
+    return json_data
+
+
+def register_prompt_migration() -> bool:
+    """Add `migrate_prompt` to the running server's prompt handlers (once); False without a server (tests)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    handlers = getattr(instance, "on_prompt_handlers", None)
+    if handlers is None:
+        return False
+    if not any(getattr(h, "__qualname__", "") == migrate_prompt.__qualname__ and
+               getattr(h, "__module__", "") == migrate_prompt.__module__ for h in handlers):
+        instance.add_on_prompt_handler(migrate_prompt)
     return True
 
 
@@ -217,10 +234,6 @@ class _Trainer:
     OUTPUT_IS_LIST = (False, False, False, False)
     FUNCTION = "train"
     OUTPUT_NODE = True
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, resume_from):
-        return check_resume_from(resume_from)
 
     def run(self, kw: dict, model, latents: list, positive: list, clip, captions: list | None, node_id):
         """One training run with every setting in `kw` (legacy widgets, or defaults + option nodes + widgets)."""
@@ -387,3 +400,4 @@ NODE_CLASS_MAPPINGS = {"HadakronTrainLoKr": HadakronTrainLoKr, "HadakronTrainLoH
 NODE_DISPLAY_NAME_MAPPINGS = {"HadakronTrainLoKr": "LoKr Trainer", "HadakronTrainLoHa": "LoHa Trainer",
                               "HadakronLoKrTrainer": "LoKr Trainer (legacy, all options)",
                               "HadakronLoHaTrainer": "LoHa Trainer (legacy, all options)"}
+register_prompt_migration()

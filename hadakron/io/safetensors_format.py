@@ -7,7 +7,6 @@ so hashes computed from our bytes equal the ones kohya computes from safetensors
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import BinaryIO, Mapping
 
@@ -94,17 +93,3 @@ def write_stream(f: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: Map
 def write_tensor(f: BinaryIO, t: torch.Tensor) -> None:
     """Write one tensor's bytes (split out so tests can interrupt a write half way)."""
     f.write(tensor_bytes(t))
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush a folder's entry list so a rename survives a crash (no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,6 +1,7 @@
 """Write files atomically, never replacing an existing file unless asked, and never leaving debris.
 
-Every file hadakron writes goes through a hidden temp file `.NAME.*.tmp` (checkpoints: `.partial`) in the
+Importing this module needs no torch (the path checks run before a command imports it). Every file hadakron
+writes goes through a hidden temp file `.NAME.*.tmp` (checkpoints: `.partial`) in the
 target folder: written, fsynced, then moved into place (a hard link for no-clobber, else `os.replace`).
 The writer holds an exclusive `flock` on its temp file until it is moved, so a later write to the same
 destination can tell a temp file left by a killed writer (no lock: removed) from one still being written
@@ -17,8 +18,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Mapping
-
-from hadakron.io.safetensors_format import dtype_name, fsync_dir, header_bytes, layout_order, write_stream
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +54,8 @@ def prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     """Detached, contiguous CPU copies (no copy when already so); `TypeError`/`ValueError` naming a bad key."""
     import torch
 
+    from hadakron.io.safetensors_format import dtype_name
+
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if not isinstance(key, str) or not key:
@@ -81,6 +82,8 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 def file_size(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> int:
     """Bytes `write_stream` will write for these (prepared) tensors and metadata."""
+    from hadakron.io.safetensors_format import header_bytes, layout_order
+
     header = header_bytes(tensors, metadata, layout_order(tensors))
     return len(header) + sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -93,6 +96,8 @@ def write_adapter(path: str | Path, tensors: Mapping[str, torch.Tensor], metadat
     folder, its name is unusable, or the disk fills up. On any error or interrupt the temp file is removed and
     `path` is left as it was.
     """
+    from hadakron.io.safetensors_format import write_stream
+
     path = Path(path)
     check_output_path(path)
     refuse_existing(path, overwrite)
@@ -111,6 +116,8 @@ def write_adapter_new(paths: Iterable[str | Path], tensors: Mapping[str, torch.T
     Claiming a name is atomic (a hard link, else an `O_EXCL` create), so writers racing for the same names
     (threads or processes) each end with their own complete file and none is overwritten.
     """
+    from hadakron.io.safetensors_format import write_stream
+
     prepared = prepare_tensors(tensors)
     meta = check_metadata(metadata)
     return write_new(paths, lambda f: write_stream(f, prepared, meta), size=file_size(prepared, meta))
@@ -392,6 +399,20 @@ def _human(n: int) -> str:
             return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entry list so a rename survives a crash (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

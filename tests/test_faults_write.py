@@ -311,6 +311,29 @@ def test_racing_writers_on_one_prefix_each_get_their_own_complete_file_processes
     assert temp_files(tmp_path) == []
 
 
+def test_without_hard_links_names_are_still_claimed_atomically(tmp_path, monkeypatch):
+    """File systems without hard links (FAT, some network mounts): O_EXCL reserves the name, then our own empty
+    file is replaced; racing writers still get distinct names and nothing existing is replaced."""
+    def no_links(*_):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(writer.os, "link", no_links)
+    (tmp_path / "race_00001_.safetensors").write_bytes(b"keep me")
+    got: list[Path] = []
+    threads = [threading.Thread(target=lambda i=i: got.append(write_adapter_new(_names(tmp_path / "race"), _adapter(i))))
+               for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(p.name for p in got) == [f"race_{i:05d}_.safetensors" for i in range(2, 8)]
+    assert (tmp_path / "race_00001_.safetensors").read_bytes() == b"keep me"
+    with pytest.raises(FileExistsError):
+        with atomic_write(tmp_path / "late.safetensors") as f:
+            f.write(b"new")
+            (tmp_path / "late.safetensors").write_bytes(b"appeared meanwhile")
+    assert (tmp_path / "late.safetensors").read_bytes() == b"appeared meanwhile" and temp_files(tmp_path) == []
+
+
 def test_write_new_never_replaces_a_dangling_symlink_or_an_existing_file(tmp_path):
     (tmp_path / "race_00001_.safetensors").symlink_to(tmp_path / "outside" / "x.safetensors")  # dangling
     (tmp_path / "race_00002_.safetensors").write_bytes(b"keep me")

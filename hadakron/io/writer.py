@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Mapping
@@ -32,6 +33,11 @@ TEMP_SUFFIXES = (".tmp", ".partial")
 
 _TEMP_NAME_BYTES = 200
 """A long destination name is cut to this many bytes inside its temp name, so the temp name still fits."""
+
+_LIVE: set[str] = set()
+"""Temp files this process is writing now: never swept, even where flock is emulated by POSIX locks (NFS), which
+do not conflict between two threads of one process."""
+_LIVE_LOCK = threading.Lock()
 
 _SPACE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file is too large for the file system"}
 if hasattr(errno, "EDQUOT"):
@@ -204,6 +210,8 @@ def atomic_write(path: str | Path, *, overwrite: bool = False, suffix: str = ".t
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         _raise_explained(exc, path, size, existed=overwrite and path.exists())
+    finally:
+        _forget(tmp)
     fsync_dir(path.parent)
 
 
@@ -230,6 +238,8 @@ def write_new(paths: Iterable[str | Path], write: Callable[[BinaryIO], None], *,
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         _raise_explained(exc, first, size, existed=False)
+    finally:
+        _forget(tmp)
     fsync_dir(first.parent)
     return final
 
@@ -284,7 +294,15 @@ def _sweep(path: Path, names: re.Pattern[str] | None) -> list[Path]:
     return [tmp for tmp in candidates if _remove_if_unlocked(tmp)]
 
 
+def _forget(tmp: Path) -> None:
+    with _LIVE_LOCK:
+        _LIVE.discard(os.path.abspath(tmp))
+
+
 def _remove_if_unlocked(tmp: Path) -> bool:
+    with _LIVE_LOCK:
+        if os.path.abspath(tmp) in _LIVE:
+            return False
     if fcntl is None:  # Windows: a file some process has open cannot be deleted
         try:
             tmp.unlink()
@@ -336,6 +354,8 @@ def _open_temp(path: Path, suffix: str, size: int | None) -> tuple[BinaryIO, Pat
         with _folder_lock(folder):
             _sweep(path, None)
             fd, name = tempfile.mkstemp(dir=folder, prefix=temp_prefix(path), suffix=suffix)
+            with _LIVE_LOCK:
+                _LIVE.add(os.path.abspath(name))
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -361,6 +361,8 @@ def _with_alpha_warnings(problems: list[str] | None, matched: list[MatchedModule
              for p in module_specs.alpha_problems(m, s["alpha"], used=module_specs.shape_rules.module_rank(
                  module_specs.shapes(s)) is not None)]
     warning = module_specs.both_full_alpha_warning(specs, metadata)
+    if warning and any("ComfyUI #15114" in p for p in out):
+        warning = None  # the file's own warning (counting every module of the file) is there already
     return out + [p for p in extra + ([warning] if warning else []) if p not in out]
 
 

@@ -161,6 +161,10 @@ def plan_patches(index: CheckpointIndex, adapters: Sequence[tuple[AdapterFile, f
     for adapter, strength in adapters:
         report = AdapterBakeReport(name=adapter_name(adapter), strength=float(strength))
         for m in adapter_modules(adapter, family):
+            if m.refused and m.algorithm is not None:  # broken in itself: refused whether or not its layer is here
+                report.unmatched.append((m.label, f"refused: {m.refused}"))
+                report.refused.append((m.file_key, m.refused))
+                continue
             reason, target = _match(index, m)
             if target is None:
                 report.unmatched.append((m.label, reason))
@@ -169,7 +173,7 @@ def plan_patches(index: CheckpointIndex, adapters: Sequence[tuple[AdapterFile, f
                                  if weight_shapes is not None and target.key in weight_shapes else None)
             if why:
                 report.unmatched.append((m.label, f"refused: {why}"))
-                report.refused.append((m.label, why))
+                report.refused.append((m.file_key, why))
                 continue
             label = f"{adapter_name(adapter)}: {m.file_key} -> {target.key}" + (
                 f"[{target.rows[0]}:{target.rows[1]}]" if target.rows else "")

@@ -36,10 +36,10 @@ const STYLE = `
 .hadakron-loss { display: flex; flex-direction: column; width: 100%; height: 100%; box-sizing: border-box;
   gap: 2px; overflow: hidden; }
 .hadakron-loss canvas { flex: 1 1 auto; min-height: 0; width: 100%; border-radius: 4px; display: block; }
-.hadakron-loss .hadakron-status { flex: 0 0 auto; font: 11px monospace; color: #c8c8c8; white-space: nowrap;
-  overflow: hidden; text-overflow: ellipsis; }
-.hadakron-loss .hadakron-message { flex: 0 0 auto; font: 11px monospace; color: #ffb86b; white-space: nowrap;
-  overflow: hidden; text-overflow: ellipsis; }
+.hadakron-loss .hadakron-status { flex: 0 0 auto; font: 11px monospace; color: #c8c8c8; white-space: normal;
+  word-break: normal; overflow-wrap: normal; }
+.hadakron-loss .hadakron-message { flex: 0 0 auto; font: 11px monospace; color: #ffb86b; white-space: normal;
+  word-break: normal; overflow-wrap: normal; max-height: 3.9em; overflow: auto; scrollbar-width: thin; }
 .hadakron-loss .hadakron-message:empty { display: none; }
 .hadakron-loss .hadakron-legend { flex: 0 0 auto; font: 10px sans-serif; color: #9a9a9a; }
 .hadakron-loss .hadakron-legend b { font-weight: normal; }
@@ -68,8 +68,7 @@ const STYLE = `
 .hadakron-loss[data-state="finished"] .hadakron-state { background: #5fcf80; }
 .hadakron-loss[data-state="interrupted"] .hadakron-state { background: #ffb86b; }
 .hadakron-loss[data-state="failed"] .hadakron-state { background: #ff6b6b; }
-.hadakron-loss .hadakron-message.hadakron-error { color: #ff8a8a; white-space: normal; word-break: normal;
-  overflow-wrap: normal; max-height: 3.9em; overflow: auto; }
+.hadakron-loss .hadakron-message.hadakron-error { color: #ff8a8a; }
 `;
 
 function injectStyle() {
@@ -224,7 +223,9 @@ function drawChart(state) {
   const ctx = state.canvas.getContext("2d");
   if (!ctx) return false;
   ctx.setTransform(k, 0, 0, k, 0, 0);
-  const drawn = drawLossChart(ctx, cssW, cssH, series);
+  // a stopped run (interrupted, failed) is drawn over the steps it made, not over the steps it planned
+  const stopped = series && (run === "interrupted" || run === "failed") && !series.finished;
+  const drawn = drawLossChart(ctx, cssW, cssH, stopped ? { ...series, total: 0 } : series);
   state.root.dataset.points = String(series ? series.count : 0);
   return drawn;
 }
@@ -305,7 +306,7 @@ function applyTrainerOutput(node, output, fromExecuted) {
   state.lastOutputKey = key;
   if (fromExecuted || state.run.state === "idle") showRunState(state, { state: "finished", reason: "", promptId: state.run.promptId });
   const text = parseReportOutput({ text: output.text })?.text ?? "";
-  state.message.textContent = text;
+  state.message.replaceChildren(...wrappable(text));
   state.message.title = text;
   state.history.setFinal(parsed.losses, firstStepOfFinal(state.history, parsed.losses.length, parsed.firstStep));
   state.live = false;

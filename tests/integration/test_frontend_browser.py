@@ -720,15 +720,15 @@ def test_trainer_chart_interrupted_then_failed(page, comfy, object_info, file_na
     live_before = page.eval("window.__hk.loss.length")
     prompt_id = _queue_from_button(page, prompt)
     seen = f"window.__hk.loss.slice({live_before}).filter((e) => String(e.node) === {json.dumps(trainer)}).length"
-    page.wait_for(f"{seen} >= 3", timeout=900, what="three live loss events")
-    running = _chart(page, trainer, "state === 'running' && points >= 3", "the running chart")
+    page.wait_for(f"{seen} >= 6", timeout=900, what="six live loss events")
+    running = _chart(page, trainer, "state === 'running' && points >= 6", "the running chart")
     assert running["badge"] == "running", running
     _node_screenshot(page, trainer, "trainer-running")
     comfy.interrupt()
     history = _wait_for_history(comfy, prompt_id)
     assert history["status"]["status_str"] == "error", history["status"]
     assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"]), history["status"]
-    stopped = _chart(page, trainer, "state === 'interrupted' && points >= 3", "the interrupted chart")
+    stopped = _chart(page, trainer, "state === 'interrupted' && points >= 6", "the interrupted chart")
     steps_done = stopped["points"]
     assert stopped["badge"] == "interrupted" and "/ 300" in stopped["txt"], stopped
     assert stopped["px"]["orange"] > 20, stopped["px"]  # the run's curve is drawn
@@ -749,6 +749,11 @@ def test_trainer_chart_interrupted_then_failed(page, comfy, object_info, file_na
     assert failed["badge"] == "failed" and failed["msg"] == f"failed: {reason}", (failed, reason)
     assert failed["points"] == steps_done and failed["px"]["orange"] > 20, failed  # the last good curve stays
     assert failed["stored_state"] == {"state": "failed", "reason": reason}, failed
+    text = page.eval(f"""(() => {{ const el = window.__hk.widgetEl(window.__hk.node({json.dumps(trainer)}),
+      'hadakron_loss_chart'); return {{ breaks: window.__hk.midWordBreaks(el), clipped: window.__hk.clipped(el) }}; }})()""")
+    assert text["breaks"]["bad"] == [], text  # the reason wraps at spaces and punctuation
+    assert all(c["overflow"] in ("auto", "scroll") and c["bar"] > 0 for c in text["clipped"]
+               if c["cls"] != "hadakron-loss"), text
     _node_screenshot(page, trainer, "trainer-failed")
     _reload_workflow(page)
     again = _chart(page, trainer, f"state === 'failed' && points === {steps_done}", "the failed chart after a reload")

@@ -131,3 +131,22 @@ def test_peft_config_file_reports_equal(tmp_path):
     report = _same_report(folder / "adapter_model.safetensors")
     assert report["layout"] == "peft" and report["tensors"] == 5  # the config's alpha is synthesized
     assert report["problems"] == []
+
+
+def test_usage_errors_and_unreadable_inputs_answer_without_torch(tmp_path):
+    """The other commands import torch only after their arguments and input headers were checked."""
+    code = ("import sys\nfrom hadakron.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('RESULT', rc, 'torch' in sys.modules)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    missing, out = str(tmp_path / "missing.safetensors"), str(tmp_path / "out.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00[1, 2] ")
+    cases = [(["frobnicate"], 2), (["merge"], 2), (["combine", "-o", out], 2), (["inspect", missing], 1),
+             (["merge", missing, str(bad), "-o", out], 1), (["merge", str(bad), str(bad), "-o", out], 1),
+             (["combine", str(bad), "-o", out], 1), (["convert", missing, "-o", out, "--to-lora"], 1),
+             (["convert", str(bad), "-o", out, "--layout", "kohya"], 1)]
+    for argv, rc in cases:
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                              timeout=120, cwd=tmp_path)
+        assert done.stdout.split()[-3:] == ["RESULT", str(rc), "False"], (argv, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr

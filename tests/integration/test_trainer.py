@@ -198,9 +198,13 @@ def test_interrupt_leaves_valid_autosave_and_resume(comfy_env, trainer_mod, smal
     for f in (files[0], files[0].parent / (files[0].stem + ".trainstate")):
         shutil.copy(f, loras_dir / f.name)
     out = run_node(trainer_mod.HadakronLoKrTrainer, small_sdxl, latents, positive, factor=4, decompose_both=False,
-                   steps=5, resume_from=files[0].name)
+                   steps=5, resume_from=files[0].name, save_every=1, autosave_prefix="auto/resumed")
     adapter = out["result"][0]
     assert adapter.metadata["hadakron.step"] == "5" and len(out["result"][2]["loss"]) == 2
+    # the closing message names the last autosave as the user finds it: relative to the output folder
+    (text,) = out["ui"]["text"]
+    assert text.endswith("; last autosave loras/auto/resumed_step000004_00001_.safetensors"), text
+    assert (output_dir / "loras" / "auto" / "resumed_step000004_00001_.safetensors").exists()
     curve = json.loads(out["ui"]["hadakron_loss"][0])  # the chart places the resumed steps at 4 and 5
     assert curve["first_step"] == 4 and len(curve["loss"]) == 2
 

@@ -9,7 +9,13 @@ the same prompt as workflow_api.py; the layout the file holds is the one shown (
 Then each template gets the test files and CPU-sized settings in its widgets and is queued with the real Run
 button: the server accepts it (no validation error) and runs it; the trainer's loss chart is drawn from the run's
 own websocket events (and survives a workflow reload), the loaders show the load report the server returned, and
-the text result nodes their text. Pure JS logic is unit-tested in tests/web/ (`node --test tests/web/`).
+the text result nodes their text. Every report is checked as a reader sees it: no word-breaking style, no line
+broken inside a word or number (the rendered text measured, also in a 190 px wide report), every cut element
+scrolls with a visible scrollbar, and the loader's ||dW|| heatmap has one cell per block of the report, coloured
+where the block has norm. A real run interrupted through POST /interrupt and a real run whose trainer raises show
+the interrupted and failed chart states (with the reason) and keep the last curve. Screenshots of each node go to
+HADAKRON_SCREENSHOT_DIR (default /tmp/hadakron-screenshots). Pure JS logic is unit-tested in tests/web/
+(`node --test tests/web/`).
 Skipped with the reason when COMFYUI_PATH, chromium or the frontend package is missing.
 """
 from __future__ import annotations

@@ -32,8 +32,8 @@ from hadakron.train import (
 from .loader import apply_adapter, model_family
 from .save_adapter import (ADAPTER_TYPE, CATEGORY, AdapterSaveError, checked_output_base, loras_output_dir,
                            save_adapter)
-from .trainer_options import (NONE, OPTION_GROUPS, canonical_none, compact_trainer_settings, merged_settings,
-                              setting_specs, text_encoder_specs)
+from .trainer_options import (NONE, OPTION_GROUPS, canonical_none, compact_trainer_settings, legacy_setting_specs,
+                              merged_settings, setting_specs, text_encoder_specs)
 from .trainer_runtime import autograd_safe_text_encoders, checkpoint_blocks, run_training
 
 log = logging.getLogger("hadakron")
@@ -144,7 +144,7 @@ def _resume(net: AdapterNetwork, name: str, family: str):
 
 def legacy_inputs(lokr: bool) -> dict:
     """The all-in-one trainers' inputs: every setting as a widget, in the order saved workflows hold them."""
-    return {"required": {**_data_inputs(), **setting_specs(lokr)}, "optional": text_encoder_specs(),
+    return {"required": {**_data_inputs(), **legacy_setting_specs(lokr)}, "optional": text_encoder_specs(),
             "hidden": {"unique_id": "UNIQUE_ID"}}
 
 

@@ -36,8 +36,25 @@ def canonical_none(value):
     return NONE if isinstance(value, str) and value in OLD_NONE else value
 
 
-# Every trainer setting, in the legacy node's widget order (saved workflows map widgets_values by position: never
-# reorder, only append). `factor` and `decompose_both` exist on the LoKr trainers only.
+# The legacy all-in-one trainers' settings, in their widget order. Saved workflows map widgets_values by position
+# (required inputs, then the optional captions and te_learning_rate), so this list is frozen: a new setting goes into
+# setting_specs and an option group, never onto the legacy nodes.
+LEGACY_SETTINGS = (
+    "steps", "batch_size", "learning_rate", "optimizer", "scheduler", "warmup_steps", "seed", "network_dim",
+    "network_alpha", "factor", "decompose_both", "use_tucker", "use_scalar", "conv_dim", "conv_alpha", "rank_dropout",
+    "module_dropout", "exclude_patterns", "include_patterns", "network_reg_dims", "network_reg_lrs",
+    "loraplus_lr_ratio", "train_llm_adapter", "gradient_checkpointing", "training_dtype", "grad_accum_steps",
+    "max_grad_norm", "weight_decay", "save_every", "autosave_prefix", "resume_from",
+)
+
+
+def legacy_setting_specs(lokr: bool) -> dict[str, tuple]:
+    """The legacy trainers' widgets in LEGACY_SETTINGS order (LoHa: without the LoKr-only ones)."""
+    specs = setting_specs(lokr)
+    return {name: specs[name] for name in LEGACY_SETTINGS if name in specs}
+
+
+# Every trainer setting but the text encoder's. `factor` and `decompose_both` exist on the LoKr trainers only.
 def setting_specs(lokr: bool) -> dict[str, tuple]:
     specs = {
         "steps": ("INT", {"default": 200, "min": 1, "max": 1000000, "tooltip": _sd(

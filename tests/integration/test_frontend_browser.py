@@ -765,3 +765,38 @@ def test_trainer_chart_interrupted_then_failed(page, comfy, object_info, file_na
     again = _chart(page, trainer, f"state === 'failed' && points === {steps_done}", "the failed chart after a reload")
     assert again["msg"] == f"failed: {reason}", again
     assert _our_problems(page) == []
+
+
+def test_loader_report_collapses_and_scrolls_a_long_list(page, comfy, object_info, file_names):
+    """A real loader run on a file with 30 modules of no known layer: the headline counts them, the not-applied list
+    starts collapsed with its count in the title, and opened it scrolls inside the node with a visible scrollbar
+    (no text cut without one, no line broken inside a word)."""
+    import safetensors.torch
+    import torch
+
+    path = next(p for p in workflow_paths() if p.stem == "hadakron_load_lokr")
+    _load_template(page, path.stem)
+    prompt = prompt_for_test_run(json.loads(path.read_text()), object_info, file_names["sdxl"])
+    loader = nodes_of(prompt, "HadakronLoader")[0]
+    loras = comfy.models_dir("loras")
+    tensors = safetensors.torch.load_file(str(loras / prompt[loader]["inputs"]["lora_name"]))
+    g = torch.Generator().manual_seed(9)
+    for i in range(30):
+        key = f"lora_unet_input_blocks_{40 + i}_1_transformer_blocks_0_attn1_to_q"
+        tensors |= {f"{key}.lokr_w1": torch.randn(4, 4, generator=g), f"{key}.lokr_w2": torch.randn(8, 8, generator=g)}
+    name = "hadakron_test_sdxl_lokr_unknown_names.safetensors"
+    safetensors.torch.save_file(tensors, str(loras / name))
+    prompt[loader]["inputs"]["lora_name"] = name
+    history = _finished(comfy, _queue_from_button(page, prompt))
+    report = load_report(history["outputs"][loader])
+    assert report["unmatched_count"] == 30 and report["matched_count"] > 0, report
+    assert _shown_report(page, loader)["head"] == _expected_headline(report)
+    listed = page.eval(f"""(() => {{ const el = window.__hk.widgetEl(window.__hk.node({json.dumps(loader)}),
+      'hadakron_report_view'); const d = el.querySelector('details[data-kind="unmatched"]');
+      return d && {{ open: d.open, title: d.querySelector('summary').textContent,
+        lines: d.querySelectorAll('.hadakron-line').length }}; }})()""")
+    assert listed == {"open": False, "title": "not applied (30: unknown module 30)", "lines": 30}, listed
+    shown = _check_readable(page, loader, "loader-long-list")
+    lists = [c for c in shown["expanded"]["clipped"] if "hadakron-list" in str(c["cls"]) and c["axis"] == "y"]
+    assert lists and all(c["bar"] > 0 for c in lists), shown["expanded"]["clipped"]  # the opened list scrolls
+    assert _our_problems(page) == []

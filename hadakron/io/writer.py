@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Mapping
@@ -275,8 +276,8 @@ def remove_stale_temps(path: str | Path, *, names: re.Pattern[str] | None = None
     name fully matches `names`) whose writer is gone (no lock held on them); a temp file whose writer is still
     running is left alone. Returns what was removed."""
     path = Path(path)
-    with _folder_lock(path.parent if str(path.parent) else Path(".")):
-        return _sweep(path, names)
+    with _folder_lock(path.parent if str(path.parent) else Path(".")) as held:
+        return _sweep(path, names) if held or fcntl is None else []
 
 
 def _sweep(path: Path, names: re.Pattern[str] | None) -> list[Path]:
@@ -329,19 +330,34 @@ def _remove_if_unlocked(tmp: Path) -> bool:
         os.close(fd)
 
 
+FOLDER_LOCK_SECONDS = 10.0
+"""How long a writer waits for the folder lock (held for microseconds by others) before going on without a sweep."""
+
+
 @contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
+def _folder_lock(folder: Path) -> Iterator[bool]:
     """Hold an exclusive flock on the folder while a temp file is created and locked, or stale ones are swept,
-    so a sweep never sees a new temp file in the instant before its writer locks it."""
-    fd = None
+    so a sweep never sees a new temp file in the instant before its writer locks it. Yields whether the lock is
+    held (False where folders cannot be locked, or a stopped process kept it past `FOLDER_LOCK_SECONDS`)."""
+    fd, held = None, False
     if fcntl is not None:
         try:
             fd = os.open(folder, os.O_RDONLY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
-            pass
+            fd = None
+        deadline = time.monotonic() + FOLDER_LOCK_SECONDS
+        while fd is not None and not held:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+            except OSError:
+                break
     try:
-        yield
+        yield held
     finally:
         if fd is not None:
             os.close(fd)
@@ -351,8 +367,9 @@ def _open_temp(path: Path, suffix: str, size: int | None) -> tuple[BinaryIO, Pat
     """Sweep stale temp files of `path`, then create and lock a fresh one; errors name the folder."""
     folder = path.parent if str(path.parent) else Path(".")
     try:
-        with _folder_lock(folder):
-            _sweep(path, None)
+        with _folder_lock(folder) as held:
+            if held or fcntl is None:
+                _sweep(path, None)
             fd, name = tempfile.mkstemp(dir=folder, prefix=temp_prefix(path), suffix=suffix)
             with _LIVE_LOCK:
                 _LIVE.add(os.path.abspath(name))
@@ -360,7 +377,7 @@ def _open_temp(path: Path, suffix: str, size: int | None) -> tuple[BinaryIO, Pat
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
-                    pass  # a file system without flock: the sweep cannot tell, so it may skip nothing worse
+                    pass  # no flock on this file system: sweeps here cannot lock either, so they remove nothing
     except OSError as exc:
         if exc.errno in _SPACE_ERRNOS:
             _raise_explained(exc, path, size, existed=path.exists())

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest

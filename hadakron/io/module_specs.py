@@ -154,7 +154,8 @@ def dtype_problems(module: str, specs: Specs) -> list[str]:
 
 def alpha_problems(module: str, alpha: TensorSpec, *, used: bool = True) -> list[str]:
     """A non-scalar alpha; where alpha sets the scale (`used`), a negative one and a zero (ambiguous: says which
-    reading is applied). An unused alpha (both LoKr factors full) is `both_full_alpha_warning`'s."""
+    reading is applied); where it does not (both LoKr factors full), a non-positive one, said to be unused (a
+    positive one that disagrees with the metadata is `both_full_alpha_warning`'s)."""
     if alpha.numel != 1:
         return [f"{module}.alpha: expected one value (0-d), found shape {list(alpha.shape)}"]
     v = alpha.value
@@ -201,19 +202,18 @@ def refusal(specs: Specs, weight_shape: tuple[int, ...] | None = None) -> str | 
     problems = dtype_problems("", specs)
     if problems:
         return problems[0].removeprefix(".")
-    known = specs
     algo = next(iter(algos))
-    shape_problems = _shape_check(algo, known) or _rule_problems(known)
+    shape_problems = _shape_check(algo, specs) or _rule_problems(specs)
     if shape_problems:
         return shape_problems[0]
     alpha = specs.get("alpha")
     if alpha is not None:
         if alpha.numel != 1:
             return f"alpha: expected one value (0-d), found shape {list(alpha.shape)}"
-        used = shape_rules.module_rank(shapes(known)) is not None
+        used = shape_rules.module_rank(shapes(specs)) is not None
         if used and alpha.value is not None and alpha.value < 0:
             return f"alpha: {alpha.value:g} is negative, expected alpha > 0 (it would flip the sign of delta-W)"
-    natural = shape_rules.natural_shape(shapes(known))
+    natural = shape_rules.natural_shape(shapes(specs))
     target = tuple(weight_shape) if weight_shape is not None else natural
     if weight_shape is not None:
         flat = (natural[0], math.prod(natural[1:]))

@@ -7,7 +7,6 @@ so hashes computed from our bytes equal the ones kohya computes from safetensors
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import BinaryIO, Mapping
 
 import torch

@@ -13,7 +13,9 @@ import torch
 
 from . import shape_rules
 from .factors import Factor, Full, LowRank, Tucker
-from .shape_rules import COMMON_NAMES, PARAM_NAMES, NotATensor, algorithm_of, loha_shapes, lokr_shapes, lora_shapes
+from .shape_rules import (  # noqa: F401  (PARAM_NAMES, COMMON_NAMES: re-exported, their home is shape_rules)
+    COMMON_NAMES, PARAM_NAMES, NotATensor, algorithm_of, loha_shapes, lokr_shapes, lora_shapes,
+)
 
 Params = Mapping[str, torch.Tensor]
 

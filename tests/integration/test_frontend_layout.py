@@ -102,7 +102,8 @@ def _shown_height(page, node_type: str) -> dict:
       const app = window.__hk.app;
       app.graph.clear();
       const n = LiteGraph.createNode({json.dumps(node_type)}); n.pos = [40, 60]; app.graph.add(n);
-      app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0]; app.canvas.setDirty(true, true);
+      // zoom 1, the node clear of the side bar and the top menu (for the screenshot)
+      app.canvas.ds.scale = 1; app.canvas.ds.offset = [80, 40]; app.canvas.setDirty(true, true);
       await {FRAMES_JS};
       const el = document.querySelector(`[data-node-id="${{n.id}}"]`);
       const canvas = app.canvas.canvas.getBoundingClientRect();

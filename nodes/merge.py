@@ -18,7 +18,7 @@ from comfy.weight_adapter.base import WeightAdapterBase
 
 from hadakron.comfy_keys import comfy_weight_key, is_clip_part
 from hadakron.merge import Patch, baked_weight, combine, natural_shape
-from hadakron.merge.module_names import adapter_modules, adapter_name
+from hadakron.merge.module_names import adapter_modules, adapter_name, target_refusal
 
 from .save_adapter import AdapterSaveError, checked_output_base, save_tensors
 from .loader import HadakronLoadError, family_mismatch, file_identity, model_family, read_lora_file
@@ -118,6 +118,8 @@ def plan_merge(family: str, model_shapes: dict, clip_shapes: dict | None, adapte
                 why = f"not a {family.upper()} layer name"
             elif m.nonfinite_reason:
                 why = m.nonfinite_reason
+            elif m.refused:
+                why = f"refused: {m.refused}"
             else:
                 on_clip = is_clip_part(family, m.part)
                 shapes = clip_shapes if on_clip else model_shapes
@@ -126,6 +128,8 @@ def plan_merge(family: str, model_shapes: dict, clip_shapes: dict | None, adapte
                     why = "text-encoder module, but no CLIP is connected"
                 elif key not in shapes:
                     why = f"no weight {key} in this {'CLIP' if on_clip else 'model'}"
+                elif (refusal := target_refusal(m, tuple(shapes[key]))) is not None:
+                    why = f"refused: {refusal}"
                 else:
                     try:
                         nat = natural_shape(m.params)

@@ -181,3 +181,33 @@ def test_in_memory_adapter_merges_like_its_file(comfy_env, merge_nodes, small_sd
     w_file, w_mem = patched_weights(by_file, keys), patched_weights(by_mem, keys)
     for k in keys:
         assert torch.equal(w_file[k], w_mem[k])
+
+
+def test_adapter_merge_skips_broken_modules_by_name(comfy_env, merge_nodes, small_sdxl, small_sdxl_clip, write_lora):
+    """A module with an integer factor, or one whose dora_scale fits neither side of its weight, is listed as
+    refused in the merge report and changes no weight; the good module of the same file still applies."""
+    from hadakron.comfy_keys import comfy_weight_key
+
+    msd = small_sdxl.model.state_dict()
+    g = torch.Generator().manual_seed(11)
+    shape = lambda dotted: tuple(msd[comfy_weight_key("sdxl", "unet", dotted)].shape)  # noqa: E731
+    key = lambda dotted: "lora_unet_" + dotted.replace(".", "_")  # noqa: E731
+    tensors = {}
+    for dotted in (UNET_Q, UNET_FF, UNET_CONV):
+        for p, t in make_params("loha", shape(dotted), g, rank=2, alpha=3.0).items():
+            tensors[f"{key(dotted)}.{p}"] = t
+    tensors[f"{key(UNET_FF)}.hada_w2_a"] = tensors[f"{key(UNET_FF)}.hada_w2_a"].to(torch.int32)
+    tensors[f"{key(UNET_CONV)}.dora_scale"] = torch.ones(7, 1)
+    name = write_lora("merge_broken.safetensors", tensors)
+
+    merged, _, text = merge_nodes.HadakronAdapterMerge().merge(small_sdxl, name, 1.0)["result"]
+    assert "1 modules applied, 2 not applied" in text, text
+    lines = text.splitlines()
+    ff_line = next(line for line in lines if key(UNET_FF) in line)
+    conv_line = next(line for line in lines if key(UNET_CONV) in line)
+    assert "refused" in ff_line and "hada_w2_a" in ff_line, ff_line
+    assert "refused" in conv_line and "dora_scale" in conv_line, conv_line
+    keys = [f"diffusion_model.{d}.weight" for d in (UNET_Q, UNET_FF, UNET_CONV)]
+    got = patched_weights(merged, keys)
+    assert not torch.equal(got[keys[0]], msd[keys[0]])
+    assert torch.equal(got[keys[1]], msd[keys[1]]) and torch.equal(got[keys[2]], msd[keys[2]])

@@ -19,13 +19,15 @@ COMMANDS: tuple[str, ...] = ("inspect", "merge", "combine", "convert", "demo")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per entry of `COMMANDS`."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per entry of `COMMANDS`; `only` (one of them) builds just that
+    subparser (what `main` does when the first argument names a command: the other command modules are not imported,
+    and that command's parsing, help and errors are the same as with the full parser)."""
     parser = argparse.ArgumentParser(
         prog="hadakron", description="LoHa and LoKr adapter files for SDXL and Anima: inspect, merge, convert.")
     parser.add_argument("--version", action="version", version=f"hadakron {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         module = importlib.import_module(f"hadakron.commands.{name}")
         sub = module.add_parser(subparsers)
         sub.set_defaults(_run=module.run)
@@ -39,7 +41,8 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), run the command, return its exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from hadakron.arch.family import Family
-from hadakron.arch.layouts import FAMILIES, LAYOUTS, LAYOUT_TITLES, file_key, get_family, parse_keys
+from hadakron.arch.layouts import (FAMILIES, LAYOUTS, LAYOUT_TITLES, get_family, join_key, module_key,
+                                   parse_module_keys, split_key)
 from hadakron.ops.shape_rules import algorithm_of
 
 ALGORITHM_TITLES = {"loha": "LoHa", "lokr": "LoKr", "lora": "LoRA", "diff": "full diff", "other": "unknown"}
@@ -84,15 +85,26 @@ def _algorithm(params: set[str]) -> str:
 
 
 def detect_family(keys: Iterable[str]) -> DetectResult:
-    """Family, parts and layout of an adapter file from its keys, with the reasons."""
+    """Family, parts and layout of an adapter file from its keys, with the reasons.
+
+    Each module key is resolved once per family (`parse_module_keys`: what `parse_keys` does for every key of it),
+    and the layout check spells each module once per candidate layout."""
     keys = list(keys)
+    split: dict[str, tuple[str, str]] = {}
+    unsplit: list[str] = []  # keys with no adapter tensor name: unknown to every family
+    for k in keys:
+        try:
+            split[k] = split_key(k)
+        except ValueError:
+            unsplit.append(k)
+    module_keys = dict.fromkeys(mk for mk, _ in split.values())
     best = None
     counts: dict[str, dict[str, int]] = {}
     per_family = {}
     for name, fam in FAMILIES.items():
-        parsed, unknown = parse_keys(keys, fam)
-        per_family[name] = (parsed, unknown)
-        modules = {(p.part, p.dotted) for p in parsed}
+        hits = parse_module_keys(module_keys, fam)
+        per_family[name] = hits
+        modules = {(h[1], h[2]) for h in hits.values() if h is not None}
         counts[name] = {part: sum(1 for m in modules if m[0] == part) for part in fam.parts}
         total = len(modules)
         if total and (best is None or total > sum(counts[best].values())):
@@ -103,7 +115,10 @@ def detect_family(keys: Iterable[str]) -> DetectResult:
                                              f"{' or '.join(f.title for f in FAMILIES.values())} (e.g. {sample})"],
                             counts=counts, unknown=keys)
     fam = FAMILIES[best]
-    parsed, unknown = per_family[best]
+    hits = per_family[best]
+    # (key, module key, param, (family, part, dotted, layout)) in key order, as `parse_keys` lists them
+    parsed = [(k, mk, param, hits[mk]) for k, (mk, param) in split.items() if hits[mk] is not None]
+    unknown = unsplit + [k for k, (mk, _) in split.items() if hits[mk] is None]
     parts = tuple(p for p in fam.parts if counts[best][p])
     reasons = [f"{counts[best][p]} modules name {fam.title} {fam.part_titles[p]} layers" for p in parts]
     for other, c in counts.items():
@@ -114,14 +129,11 @@ def detect_family(keys: Iterable[str]) -> DetectResult:
 
     layout = None
     for candidate in LAYOUTS:
-        try:
-            if all(file_key(fam, p.part, p.dotted, p.param, candidate) == p.key for p in parsed):
-                layout = candidate
-                break
-        except ValueError:
-            continue
+        if _spelled_in(fam, parsed, candidate):
+            layout = candidate
+            break
     if layout is None:
-        votes = Counter(p.layout for p in parsed)
+        votes = Counter(hit[3] for _, _, _, hit in parsed)
         layout = votes.most_common(1)[0][0]
         if len(votes) > 1:
             reasons.append("keys mix layouts: " + ", ".join(f"{n} {lay}" for lay, n in votes.most_common()))
@@ -129,12 +141,28 @@ def detect_family(keys: Iterable[str]) -> DetectResult:
             reasons.append(f"layout {layout} in a non-canonical spelling")
     params: dict[str, set[str]] = defaultdict(set)
     modules: dict[str, tuple[str, str]] = {}
-    for p in parsed:
-        params[p.module_key].add(p.param)
-        modules[p.module_key] = (p.part, p.dotted)
+    for _, mk, param, hit in parsed:
+        params[mk].add(param)
+        modules[mk] = (hit[1], hit[2])
     algos = Counter(_algorithm(ps) for ps in params.values())
     return DetectResult(best, parts, layout, reasons, counts=counts, algorithms=dict(algos),
                         modules=modules, unknown=unknown)
+
+
+def _spelled_in(fam: Family, parsed: list[tuple[str, str, str, tuple[str, str, str, str]]], layout: str) -> bool:
+    """Whether every parsed key is exactly `file_key(fam, part, dotted, param, layout)` (False where the layout
+    cannot spell one of them); each module's key is spelled once."""
+    spelled: dict[str, str] = {}
+    try:
+        for key, mk, param, hit in parsed:
+            module = spelled.get(mk)
+            if module is None:
+                module = spelled[mk] = module_key(fam, hit[1], hit[2], layout)
+            if join_key(module, param, layout) != key:
+                return False
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------- live models

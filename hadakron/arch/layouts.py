@@ -187,6 +187,8 @@ def _rules() -> list[_Rule]:
 
 
 _RULES = _rules()
+_RULES_OF: dict[str, tuple[_Rule, ...]] = {f: tuple(r for r in _RULES if r.family == f) for f in FAMILIES}
+"""`_RULES` (same order) of one family."""
 # read-only aliases (ComfyUI accepts them too): SDXL's add_embedding is also called class_embedding
 _DIFF_READ = {**DIFFUSERS_TO_SGM, "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2"}
 _DIFF_JOINED = {k.replace(".", "_"): v for k, v in _DIFF_READ.items()}
@@ -217,10 +219,8 @@ def _resolve(fam: Family, rule: _Rule, rest: str) -> tuple[str, str] | None:
 
 def parse_module_key(module_key: str, family: str | Family | None = None) -> tuple[str, str, str, str] | None:
     """`(family, part, dotted, layout)` of a module key, or None when no family knows the name."""
-    fam_name = None if family is None else get_family(family).name
-    for rule in _RULES:
-        if fam_name is not None and rule.family != fam_name:
-            continue
+    rules = _RULES if family is None else _RULES_OF.get(get_family(family).name, ())
+    for rule in rules:
         if not module_key.startswith(rule.prefix):
             continue
         hit = _resolve(FAMILIES[rule.family], rule, module_key[len(rule.prefix):])

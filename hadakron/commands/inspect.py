@@ -77,24 +77,43 @@ def inspect_file(path: str | Path) -> dict:
     if _has_peft_config(path, header.metadata):
         from hadakron.io import read_adapter
         return describe(read_adapter(path))
+    scan = header_values.start_nonfinite_counts(path, header)  # numpy scans the data while the checks below run
     entries = sorted(header.entries, key=lambda e: e.name)
     alpha_entries = [e for e in entries if module_specs.split_key(e.name)[1] == "alpha"]
     values = header_values.read_scalars(path, header, alpha_entries)
-    tensors = {e.name: TensorSpec(e.dtype, e.shape, values.get(e.name)) for e in entries}
+    shared: dict[tuple, TensorSpec] = {}  # specs are frozen: tensors alike share one (a file has few kinds)
+    tensors = {}
+    for e in entries:
+        kind = (e.dtype, e.shape, values.get(e.name))
+        spec = shared.get(kind)
+        if spec is None:
+            spec = shared[kind] = TensorSpec(*kind)
+        tensors[e.name] = spec
     modules = group_modules(tensors)
-    counts = header_values.nonfinite_counts(path, header)
+    problems: list[str] = []
+    clean: set[tuple] = set()  # modules whose specs were found clean: the checks depend on the specs alone
+    for module, specs in modules.items():
+        kind = tuple(specs.items())
+        if kind in clean:
+            continue
+        found = module_specs.module_problems(module, specs)
+        if found:
+            problems += found
+        else:
+            clean.add(kind)
+    warning = module_specs.both_full_alpha_warning(modules, header.metadata)
+    if warning:
+        problems.append(warning)
+    report = describe_specs(path, path.stat().st_size, tensors, modules, header.metadata, [])
+    counts = scan()
     nonfinite: dict[str, dict[str, tuple[int, int]]] = {}
     for key in tensors:
         if key in counts:
             module, param = module_specs.split_key(key)
             nonfinite.setdefault(module, {})[param] = counts[key]
-    problems = module_specs.nonfinite_problems(modules, nonfinite)
-    for module, specs in modules.items():
-        problems += module_specs.module_problems(module, specs)
-    warning = module_specs.both_full_alpha_warning(modules, header.metadata)
-    if warning:
-        problems.append(warning)
-    return describe_specs(path, path.stat().st_size, tensors, modules, header.metadata, problems)
+    # the file's problems first (NaN/Inf, module checks, alpha warning), then describe_specs' own, as describe lists them
+    report["problems"] = module_specs.nonfinite_problems(modules, nonfinite) + problems + report["problems"]
+    return report
 
 
 def describe(adapter) -> dict:
@@ -126,14 +145,21 @@ def layer_shape_problems(modules: Mapping[str, Specs], family: str | None,
     fam = get_family(family)
     problems = []
     layer_shapes = {part: fam.layer_shapes(part) for part in fam.parts}
+    flats: dict[tuple, tuple[int, int] | None] = {}  # delta-W shape per kind of module (shapes alike: same result)
     for mk, (part, dotted) in matched.items():
         specs = modules.get(mk)
         layer = layer_shapes[part].get(dotted) if part in layer_shapes else fam.layer_shapes(part).get(dotted)
         if specs is None or layer is None:
             continue
-        try:
-            flat = shape_rules.delta_flat(module_specs.shapes(specs))
-        except ValueError:
+        kind = tuple((p, s.shape) for p, s in specs.items())
+        if kind in flats:
+            flat = flats[kind]
+        else:
+            try:
+                flat = flats[kind] = shape_rules.delta_flat(module_specs.shapes(specs))
+            except ValueError:
+                flat = flats[kind] = None
+        if flat is None:
             continue  # already reported as a module problem
         want_cols = 1
         for d in layer[1:]:
@@ -167,6 +193,14 @@ def _lokr_w1_shape(specs: Specs) -> str | None:
     return None
 
 
+def _module_facts(specs: Specs) -> tuple[str | None, int | None, str | None, bool, bool]:
+    """(algorithm, rank, LoKr w1 shape, Tucker, DoRA) of one module, from its parameter names and shapes."""
+    algo = algorithm_guess({p: None for p in specs if p not in ("alpha", "dora_scale")})
+    return (algo, _module_rank(algo, specs), _lokr_w1_shape(specs) if algo == "lokr" else None,
+            any(p in specs for p in ("hada_t1", "hada_t2", "lokr_t1", "lokr_t2", "lora_mid.weight")),
+            "dora_scale" in specs)
+
+
 def _sorted_hist(counter: Counter) -> dict[str, int]:
     def order(k):
         return (0, int(k)) if str(k).isdigit() else (1, str(k))
@@ -183,17 +217,19 @@ def describe_specs(path: Path | None, size_bytes: int, tensors: Mapping[str, Ten
     ranks: Counter = Counter()
     factors: Counter[str] = Counter()
     tucker = dora = 0
+    facts: dict[tuple, tuple] = {}  # per kind of module (names and shapes alike: the same facts)
     for specs in modules.values():
-        algo = algorithm_guess({p: None for p in specs if p not in ("alpha", "dora_scale")})
+        kind = tuple((p, s.shape) for p, s in specs.items())
+        fact = facts.get(kind)
+        if fact is None:
+            fact = facts[kind] = _module_facts(specs)
+        algo, rank, w1, is_tucker, has_dora = fact
         algorithms[algo or "unknown"] += 1
-        rank = _module_rank(algo, specs)
         ranks[rank if rank is not None else ("full" if algo == "lokr" else "none")] += 1
-        if algo == "lokr":
-            w1 = _lokr_w1_shape(specs)
-            if w1:
-                factors[w1] += 1
-        tucker += any(p in specs for p in ("hada_t1", "hada_t2", "lokr_t1", "lokr_t2", "lora_mid.weight"))
-        dora += "dora_scale" in specs
+        if w1:
+            factors[w1] += 1
+        tucker += is_tucker
+        dora += has_dora
     dtypes = Counter(TORCH_NAMES.get(t.dtype, t.dtype) for t in tensors.values())
     problems = list(file_problems)
     problems += layer_shape_problems(modules, detection["family"], detection["matched"])

@@ -99,7 +99,7 @@ def read_header(path: str | Path) -> Header:
                                    expected="str", found=type(v).__name__)
     data_start = 8 + n
     data_size = size - data_start
-    entries = [_parse_entry(path, name, info, data_size) for name, info in header.items()]
+    entries = _parse_entries(path, header, data_size)
     entries.sort(key=lambda e: (e.begin, e.end))
     position = 0
     for e in entries:
@@ -112,6 +112,40 @@ def read_header(path: str | Path) -> Header:
         raise AdapterFileError(path, "tensor data does not fill the file exactly", expected=f"{position} data bytes",
                                found=f"{data_size} data bytes")
     return Header(data_start=data_start, entries=tuple(entries), metadata=dict(metadata), file_size=size)
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _parse_entries(path: Path, header: dict, data_size: int) -> list[TensorEntry]:
+    """`_parse_entry` of every entry, in header order: a well-formed entry is checked inline here (thousands per
+    file), the first one that is not goes to `_parse_entry`, which raises its error."""
+    entries = []
+    append = entries.append
+    itemsize = ITEMSIZE
+    for name, info in header.items():
+        try:
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            ok = type(info) is dict and type(dtype) is str and type(shape) is list and type(offsets) is list
+        except (TypeError, KeyError, IndexError):
+            ok = False
+        if ok and dtype in itemsize and len(offsets) == 2:
+            nbytes = itemsize[dtype]
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    ok = False
+                    break
+                nbytes *= d
+            begin, end = offsets
+            if (ok and type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
+                    and end - begin == nbytes):
+                entry = _new(TensorEntry)  # the frozen dataclass's fields, set at once (what __init__ sets)
+                _set(entry, "__dict__", {"name": name, "dtype": dtype, "shape": tuple(shape), "begin": begin, "end": end})
+                append(entry)
+                continue
+        append(_parse_entry(path, name, info, data_size))  # raises for a bad entry (or parses an odd one)
+    return entries
 
 
 def _parse_entry(path: Path, name: str, info: object, data_size: int) -> TensorEntry:

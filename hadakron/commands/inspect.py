@@ -12,6 +12,7 @@ bytes and the NaN/Inf scan memory-maps the file with numpy (`io.header_values`).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from collections import Counter
 from pathlib import Path
@@ -42,6 +43,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Read the file, print the report; 0 when it could be read (problems are reported, not fatal)."""
+    collecting = gc.isenabled()
+    gc.disable()  # a short run that makes tens of thousands of small objects and little cyclic garbage
+    try:
+        return _run(args)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _run(args: argparse.Namespace) -> int:
     report = inspect_file(args.file)
     blocks = None
     if args.blocks:
@@ -78,33 +89,40 @@ def inspect_file(path: str | Path) -> dict:
         from hadakron.io import read_adapter
         return describe(read_adapter(path))
     scan = header_values.start_nonfinite_counts(path, header)  # numpy scans the data while the checks below run
-    entries = sorted(header.entries, key=lambda e: e.name)
-    alpha_entries = [e for e in entries if module_specs.split_key(e.name)[1] == "alpha"]
-    values = header_values.read_scalars(path, header, alpha_entries)
-    shared: dict[tuple, TensorSpec] = {}  # specs are frozen: tensors alike share one (a file has few kinds)
-    tensors = {}
-    for e in entries:
-        kind = (e.dtype, e.shape, values.get(e.name))
-        spec = shared.get(kind)
-        if spec is None:
-            spec = shared[kind] = TensorSpec(*kind)
-        tensors[e.name] = spec
-    modules = group_modules(tensors)
-    problems: list[str] = []
-    clean: set[tuple] = set()  # modules whose specs were found clean: the checks depend on the specs alone
-    for module, specs in modules.items():
-        kind = tuple(specs.items())
-        if kind in clean:
-            continue
-        found = module_specs.module_problems(module, specs)
-        if found:
-            problems += found
-        else:
-            clean.add(kind)
-    warning = module_specs.both_full_alpha_warning(modules, header.metadata)
-    if warning:
-        problems.append(warning)
-    report = describe_specs(path, path.stat().st_size, tensors, modules, header.metadata, [])
+    try:
+        entries = sorted(header.entries, key=lambda e: e.name)
+        alpha_entries = [e for e in entries if module_specs.split_key(e.name)[1] == "alpha"]
+        values = header_values.read_scalars(path, header, alpha_entries)
+        shared: dict[tuple, TensorSpec] = {}  # specs are frozen: tensors alike share one (a file has few kinds)
+        tensors = {}
+        for e in entries:
+            kind = (e.dtype, e.shape, values.get(e.name))
+            spec = shared.get(kind)
+            if spec is None:
+                spec = shared[kind] = TensorSpec(*kind)
+            tensors[e.name] = spec
+        modules = group_modules(tensors)
+        problems: list[str] = []
+        clean: set[tuple] = set()  # modules whose specs were found clean: the checks depend on the specs alone
+        for module, specs in modules.items():
+            kind = tuple(specs.items())
+            if kind in clean:
+                continue
+            found = module_specs.module_problems(module, specs)
+            if found:
+                problems += found
+            else:
+                clean.add(kind)
+        warning = module_specs.both_full_alpha_warning(modules, header.metadata)
+        if warning:
+            problems.append(warning)
+        report = describe_specs(path, path.stat().st_size, tensors, modules, header.metadata, [])
+    except BaseException:
+        try:
+            scan()  # the scan's thread and file are done with before the error goes on
+        except BaseException:
+            pass
+        raise
     counts = scan()
     nonfinite: dict[str, dict[str, tuple[int, int]]] = {}
     for key in tensors:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import signal
 import subprocess
@@ -47,9 +48,25 @@ def disk_full(after: int = 0) -> Callable:
     return make
 
 
-def listing(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (hidden ones too) -> its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def listing(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (hidden ones too) -> the sha256 of its bytes (streamed: a folder of checkpoints
+    is compared byte for byte without holding them in memory)."""
+    return {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def file_states(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file under `folder` -> (inode, size, mtime_ns): a cheap "nothing was written here" check for a
+    server's output folder that holds gigabytes of checkpoints."""
+    return {str(p.relative_to(folder)): (st.st_ino, st.st_size, st.st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file() for st in (p.stat(),)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def temp_files(folder: Path) -> list[str]:

@@ -25,7 +25,7 @@ from comfy_client import Graph
 from test_server_loader import _sdxl_shapes, _write_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the unit suite's fault helpers
-from fault_helpers import listing, small_filesystem, temp_files  # noqa: E402
+from fault_helpers import file_states, listing, small_filesystem, temp_files  # noqa: E402
 
 # plain forms ComfyUI's LoraLoader computes exactly (its reference for our loader)
 MODULES = {("unet", "input_blocks.4.1.transformer_blocks.0.attn1.to_q"): "loha",
@@ -209,7 +209,7 @@ def test_combine_refuses_odd_names_and_a_full_disk_in_one_line(comfy, comfy_env,
     outside.mkdir()
     link = comfy.output_dir / "rel_link"
     link.symlink_to(outside, target_is_directory=True)
-    before = listing(comfy.output_dir)
+    before = file_states(comfy.output_dir)  # holds the suite's checkpoints: stat, not bytes
 
     def combine(prefix: str):
         g = Graph()
@@ -223,7 +223,7 @@ def test_combine_refuses_odd_names_and_a_full_disk_in_one_line(comfy, comfy_env,
         run, node_id = combine(prefix)
         msg = _one_line_naming(run, node_id, "filename_prefix", problem)
         assert len(msg) < 400, msg
-    assert listing(comfy.output_dir) == before and list(outside.iterdir()) == []
+    assert file_states(comfy.output_dir) == before and list(outside.iterdir()) == []
     link.unlink()
 
     with small_filesystem(comfy.output_dir / "rel_full", size="4k") as full:

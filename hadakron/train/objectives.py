@@ -12,6 +12,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from hadakron.train import noise
+from hadakron.train.objective_options import ObjectiveOptions
+
 Tensor = torch.Tensor
 
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -247,4 +250,97 @@ class ModelSamplingObjective:
         per = per_sample_mse(pred, target)
         if self.weight is not None:
             per = per * self.weight(timestep).to(per.device, torch.float32).reshape(per.shape)
+        return per.mean()
+
+
+class SdScriptsObjective(ModelSamplingObjective):
+    """The model's own sampling objective with sd-scripts' options on top (hadakron.train.objective_options).
+
+    `family` "sdxl" (ComfyUI's sigma: snr = 1 / sigma^2) or "anima" (flow: sigma = t, x_t = (1-t) x0 + t eps);
+    `prediction` epsilon / v_prediction / flow; `timestep_of_sigma` maps an SDXL sigma to its 0..999 timestep
+    (the exponential Huber schedule), Anima's timestep is 1000 sigma. Draws from the step's generator: sigma
+    (u as ModelSamplingObjective, or the flow sampling's own draws), the noise, then noise offset, multires
+    levels and the input perturbation. The target comes from the noise before ip_noise_gamma, as in sd-scripts.
+    With every option at its default, sample and loss are those of ModelSamplingObjective, bit for bit.
+    """
+
+    def __init__(self, sigma_for_uniform: Callable[[Tensor], Tensor],
+                 noise_scaling: Callable[[Tensor, Tensor, Tensor], Tensor],
+                 denoise: Callable[[Tensor, Tensor, Tensor], Tensor], *, options: ObjectiveOptions, family: str,
+                 prediction: str, timestep_of_sigma: Callable[[Tensor], Tensor], zsnr: bool = False) -> None:
+        super().__init__(sigma_for_uniform, noise_scaling, denoise)
+        options.validate(family, prediction, zsnr=zsnr)
+        self.options = options
+        self.family = family
+        self.prediction = prediction
+        self.timestep_of_sigma = timestep_of_sigma
+
+    def _sigma(self, x0: Tensor, generator: torch.Generator) -> Tensor:
+        """(B,) sigma: the flow sampling's when one is chosen, else the model's from a uniform u."""
+        o, b = self.options, x0.shape[0]
+        if self.family == "anima" and o.timestep_sampling != "model":
+            return noise.flow_sigmas(o.timestep_sampling, b, generator, x0, shift=o.discrete_flow_shift,
+                                     sigmoid_scale=o.sigmoid_scale, weighting_scheme=o.weighting_scheme,
+                                     logit_mean=o.logit_mean, logit_std=o.logit_std, mode_scale=o.mode_scale)
+        u = _rand(b, generator, x0)
+        return self.sigma_for_uniform(u).to(device=x0.device, dtype=torch.float32).reshape(b)
+
+    def sample(self, x0: Tensor, generator: torch.Generator) -> Sample:
+        """Draw sigma and noise; return (x_t with the perturbed noise, sigma (B,), the model-output target)."""
+        o = self.options
+        sigma = self._sigma(x0, generator)
+        eps = _randn(tuple(x0.shape), generator, x0)
+        x0f = x0.float()
+        if o.noise_offset:
+            eps = noise.noise_offset(x0f, eps, o.noise_offset, o.adaptive_noise_scale, generator)
+        if o.multires_noise_iterations:
+            eps = noise.multires_noise(eps, int(o.multires_noise_iterations), o.multires_noise_discount, generator)
+        clean = self.noise_scaling(sigma, eps, x0f).float()
+        noisy = clean
+        if o.ip_noise_gamma:
+            perturbed = eps + o.ip_noise_gamma * _randn(tuple(x0.shape), generator, x0)
+            noisy = self.noise_scaling(sigma, perturbed, x0f).float()
+        offset = self.denoise(sigma, torch.zeros_like(clean), clean).float()
+        slope = self.denoise(sigma, torch.ones_like(clean), clean).float() - offset
+        return Sample(noisy.to(x0.dtype), sigma, (x0f - offset) / slope)
+
+    def weights(self, sigma: Tensor) -> Tensor | None:
+        """(B,) loss weight per sample from sigma, the product of the options' weights (None: no weight)."""
+        o = self.options
+        parts: list[Tensor] = []
+        if self.family == "anima":
+            if o.weighting_scheme in ("sigma_sqrt", "cosmap"):
+                parts.append(noise.flow_loss_weight(o.weighting_scheme, sigma))
+        else:
+            snr = 1.0 / sigma.float() ** 2
+            v_pred = self.prediction == "v_prediction"
+            if o.min_snr_gamma:
+                parts.append(min_snr_weight(snr, o.min_snr_gamma, self.prediction))
+            if o.scale_v_pred_loss_like_noise_pred:
+                parts.append(noise.scale_v_like_noise_weight(snr))
+            if o.debiased_estimation_loss:
+                parts.append(noise.debiased_weight(snr, v_pred))
+        if not parts:
+            return None
+        out = parts[0]
+        for part in parts[1:]:
+            out = out * part
+        return out
+
+    def huber_threshold(self, sigma: Tensor) -> Tensor | None:
+        """(B,) Huber c of loss_type huber / smooth_l1 (None for l2 / l1)."""
+        o = self.options
+        if o.loss_type not in ("huber", "smooth_l1"):
+            return None
+        s = sigma.float()
+        steps = s * 1000.0 if self.family == "anima" else self.timestep_of_sigma(s).float().to(s.device)
+        return noise.huber_c(o.huber_schedule, o.huber_c, steps, s)
+
+    def loss(self, pred: Tensor, target: Tensor, timestep: Tensor) -> Tensor:
+        """sd-scripts' conditional_loss per sample, times the per-sample weights, batch mean."""
+        c = self.huber_threshold(timestep.to(pred.device))
+        per = noise.per_sample_loss(pred, target, self.options.loss_type, c)
+        w = self.weights(timestep)
+        if w is not None:
+            per = per * w.to(per.device, torch.float32).reshape(per.shape)
         return per.mean()

@@ -478,6 +478,15 @@ def test_valid_combinations_pass():
     ObjectiveOptions(weighting_scheme="sigma_sqrt").validate("anima", "flow")  # a loss weight: fine with "model"
 
 
+def test_widget_rounding_reads_as_the_default():
+    """A float widget's rounding (0.3 sent as 0.30000000000000004) is the default, not an idle option."""
+    rounded = ObjectiveOptions(multires_noise_discount=0.30000000000000004, mode_scale=1.2900000000000003,
+                               huber_c=0.10000000000000002, multires_noise_iterations=0.0)
+    assert rounded.non_default() == []
+    rounded.validate("sdxl", "epsilon")
+    assert ObjectiveOptions(multires_noise_discount=0.3001).non_default() == ["multires_noise_discount"]
+
+
 def test_objective_validates_on_construction():
     with pytest.raises(ValueError, match="zero_terminal_snr"):
         sdxl_objective(v=True, zero_terminal_snr=True)

@@ -7,6 +7,7 @@ Anima's timestep distribution: sd-scripts' anima_train_network defaults to `time
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from hadakron.train.noise import FLOW_SAMPLINGS, HUBER_SCHEDULES, LOSS_TYPES, WEIGHTING_SCHEMES
@@ -22,6 +23,13 @@ BOTH = ("ip_noise_gamma", "loss_type", "huber_schedule", "huber_c")
 # sd-scripts writes these as "None" when they are off (their argparse default is None); hadakron's off is 0
 _NONE_WHEN_ZERO = ("min_snr_gamma", "noise_offset", "adaptive_noise_scale", "multires_noise_iterations",
                    "ip_noise_gamma")
+
+
+def _same(value, default) -> bool:
+    """An option's value equals its default: exactly for str / bool, to 1e-9 (relative and absolute) for numbers."""
+    if isinstance(default, (str, bool)) or isinstance(value, (str, bool)):
+        return value == default
+    return math.isclose(float(value), float(default), rel_tol=1e-9, abs_tol=1e-12)
 
 
 @dataclass(frozen=True)
@@ -50,9 +58,10 @@ class ObjectiveOptions:
     mode_scale: float = 1.29
 
     def non_default(self) -> list[str]:
-        """Names of the options not at their default, in field order."""
+        """Names of the options not at their default, in field order (floats compared to 1e-9, so a widget's
+        rounding, 0.30000000000000004 for 0.3, still reads as the default)."""
         base = ObjectiveOptions()
-        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)]
+        return [f.name for f in fields(self) if not _same(getattr(self, f.name), getattr(base, f.name))]
 
     def validate(self, family: str, prediction: str, *, zsnr: bool = False) -> None:
         """Raise ValueError naming the first options that cannot run on this model: out of range, of the other

@@ -30,11 +30,13 @@ from hadakron.train import (
 )
 
 from .loader import apply_adapter, model_family
+from .objective_specs import objective_options
 from .save_adapter import (ADAPTER_TYPE, CATEGORY, AdapterSaveError, checked_output_base, loras_output_dir,
                            save_adapter)
 from .trainer_options import (NONE, OPTION_GROUPS, canonical_none, compact_trainer_settings, legacy_setting_specs,
                               merged_settings, setting_specs, text_encoder_specs)
-from .trainer_runtime import autograd_safe_text_encoders, checkpoint_blocks, run_training
+from .trainer_runtime import (autograd_safe_text_encoders, checkpoint_blocks, objective_for, objective_metadata_of,
+                             run_training)
 
 log = logging.getLogger("hadakron")
 LOSS_EVENT = "hadakron.loss"
@@ -94,13 +96,15 @@ def _network_config(algo: str, kw: dict) -> NetworkConfig:
     )
 
 
-def _metadata(algo, family, net: AdapterNetwork, kw: dict, step: int, count: int, losses: list[float], tensors):
+def _metadata(algo, family, net: AdapterNetwork, kw: dict, step: int, count: int, losses: list[float], tensors,
+              objective: dict[str, str] | None = None):
     training = {
         "steps": step, "max_train_steps": kw["steps"], "learning_rate": kw["learning_rate"],
         "optimizer": kw["optimizer"], "lr_scheduler": kw["scheduler"], "lr_warmup_steps": kw["warmup_steps"],
         "seed": kw["seed"], "train_batch_size": kw["batch_size"], "num_train_images": count,
         "gradient_accumulation_steps": kw["grad_accum_steps"], "max_grad_norm": kw["max_grad_norm"],
         "mixed_precision": kw["training_dtype"], "training_comment": "trained in ComfyUI with hadakron",
+        **(objective or {}),  # sd-scripts' objective keys (ss_min_snr_gamma, ss_timestep_sampling, ...)
     }
     args = {"rank_dropout": kw["rank_dropout"], "module_dropout": kw["module_dropout"],
             "use_scalar": kw["use_scalar"], "train_llm_adapter": kw["train_llm_adapter"]}
@@ -242,6 +246,10 @@ class _Trainer:
         train_te = clip is not None and any(str(c or "").strip() for c in (captions or []))
         algo = self.ALGORITHM
         family = model_family(model)
+        objective = objective_options(kw)
+        sampling = model.get_model_object("model_sampling")
+        objective_for(sampling, objective)  # refuses options that do not fit this model, before any work
+        objective_meta = objective_metadata_of(sampling, objective)
         try:  # before any step is trained: autosaves (every save_every steps, and on interrupt) go there
             checked_output_base(kw["autosave_prefix"], input_name="autosave_prefix")
         except AdapterSaveError as exc:
@@ -288,7 +296,7 @@ class _Trainer:
 
             def autosave(step, snap):
                 tensors = snap.adapter_tensors()
-                meta = _metadata(algo, family, net, kw, step, len(samples), losses, tensors)
+                meta = _metadata(algo, family, net, kw, step, len(samples), losses, tensors, objective_meta)
                 path = save_adapter(_adapter_file(tensors, meta, snap.training_state()),
                                     f"{kw['autosave_prefix']}_step{step:06d}", input_name="autosave_prefix")
                 autosaved.append(shown_path(path))
@@ -305,10 +313,11 @@ class _Trainer:
             with autograd_safe_text_encoders([parts[p] for p in parts if p != "unet"]):
                 result = run_training(mp, net, samples, conds, config, callbacks, resume=resume, blocks=blocks,
                                       gradient_checkpoint=kw["gradient_checkpointing"], encode=encode,
-                                      text_encoder=te_clip)
+                                      text_encoder=te_clip, objective_options=objective)
             snap = result.snapshot
             tensors = snap.adapter_tensors()
-            meta = _metadata(algo, family, net, kw, result.step, len(samples), result.losses, tensors)
+            meta = _metadata(algo, family, net, kw, result.step, len(samples), result.losses, tensors,
+                             objective_meta)
             adapter = _adapter_file(tensors, meta, snap.training_state())
         if result.stop_reason != "completed":
             log.warning("hadakron: %s", result.message)
@@ -362,8 +371,8 @@ _LOKR_DESCRIPTION = ("Trains a LoKr adapter with the model's own objective; outp
                      "the loss and the CLIP.")
 _LOHA_DESCRIPTION = ("Trains a LoHa adapter with the model's own objective; outputs the adapter, the adapted model, "
                      "the loss and the CLIP.")
-_OPTIONS_HINT = (" Network, optimizer and precision settings come from the option nodes (training/hadakron); "
-                 "left empty, each group trains with its defaults.")
+_OPTIONS_HINT = (" Network, optimizer, precision and objective settings come from the option nodes "
+                 "(training/hadakron); left empty, each group trains with its defaults.")
 
 
 class HadakronLoKrTrainer(_LegacyTrainer):

@@ -14,6 +14,7 @@ import folder_paths
 
 from hadakron.train import SCHEDULERS, available_optimizers
 
+from .objective_specs import objective_specs
 from .save_adapter import CATEGORY
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -141,7 +142,7 @@ def text_encoder_specs() -> dict[str, tuple]:
 
 def all_specs() -> dict[str, tuple]:
     """Every setting any trainer has (the LoKr ones included), by name."""
-    return {**setting_specs(lokr=True), **text_encoder_specs()}
+    return {**setting_specs(lokr=True), **text_encoder_specs(), **objective_specs()}
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,17 @@ PRECISION = OptionGroup(
     "HadakronPrecisionOptions", "Precision & Memory Options", "HADAKRON_PRECISION_OPTIONS", "precision_options",
     ("training_dtype", "gradient_checkpointing", "batch_size", "grad_accum_steps", "max_grad_norm"),
     "Autocast dtype, gradient checkpointing, batch size, gradient accumulation and clipping.")
-OPTION_GROUPS: tuple[OptionGroup, ...] = (NETWORK, OPTIMIZER, PRECISION)
+OBJECTIVE = OptionGroup(
+    "HadakronObjectiveOptions", "Objective Options", "HADAKRON_OBJECTIVE_OPTIONS", "objective_options",
+    tuple(objective_specs()),
+    "sd-scripts' objective and noise options, by their names and formulas. SDXL: min_snr_gamma, "
+    "scale_v_pred_loss_like_noise_pred, debiased_estimation_loss, noise_offset (+ adaptive_noise_scale), "
+    "multires noise, and v_parameterization / zero_terminal_snr as checks of the model's sampling. Anima: "
+    "timestep_sampling, discrete_flow_shift, sigmoid_scale, weighting_scheme, logit_mean/std, mode_scale. Both: "
+    "ip_noise_gamma, loss_type with huber_schedule and huber_c. Defaults: the model's own objective, unchanged "
+    "(SDXL: sd-scripts' defaults; Anima: the model's shift-3 sampling, where sd-scripts defaults to sigmoid). "
+    "Options of the other family, or set where they do nothing, are refused by name.")
+OPTION_GROUPS: tuple[OptionGroup, ...] = (NETWORK, OPTIMIZER, PRECISION, OBJECTIVE)
 
 
 def compact_trainer_settings(lokr: bool) -> tuple[str, ...]:

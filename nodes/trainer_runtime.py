@@ -18,6 +18,8 @@ from comfy_extras.nodes_train import TrainGuider, make_batch_extra_option_dict, 
 from hadakron.train import (
     LatentDataset, ModelSamplingObjective, TrainCallbacks, TrainConfig, autograd_safe_weights, train,
 )
+from hadakron.train.objective_options import ObjectiveOptions, objective_metadata
+from hadakron.train.objectives import SdScriptsObjective
 
 log = logging.getLogger("hadakron")
 
@@ -42,6 +44,40 @@ def model_sampling_objective(model_sampling, *, weight: Callable | None = None) 
         denoise=lambda s, out, xt: model_sampling.calculate_denoised(s, out, xt),
         weight=weight,
     )
+
+
+def objective_facts(model_sampling) -> dict:
+    """What the objective options need to know of a model's sampling: family ("sdxl" / "anima"), prediction
+    (epsilon / v_prediction / flow), zsnr (zero terminal SNR schedule) and shift (a flow model's own shift)."""
+    import comfy.model_sampling as ms
+
+    if isinstance(model_sampling, ms.CONST):
+        return {"family": "anima", "prediction": "flow", "zsnr": False,
+                "shift": float(getattr(model_sampling, "shift", 1.0))}
+    prediction = "v_prediction" if isinstance(model_sampling, ms.V_PREDICTION) else "epsilon"
+    return {"family": "sdxl", "prediction": prediction, "zsnr": bool(getattr(model_sampling, "zsnr", False)),
+            "shift": None}
+
+
+def objective_for(model_sampling, options: ObjectiveOptions | None = None) -> ModelSamplingObjective:
+    """The model's own objective, with sd-scripts' options on top when any is set (refused by name when they do
+    not fit this model)."""
+    if options is None or not options.non_default():
+        return model_sampling_objective(model_sampling)
+    facts = objective_facts(model_sampling)
+    base = model_sampling_objective(model_sampling)
+    return SdScriptsObjective(
+        base.sigma_for_uniform, base.noise_scaling, base.denoise, options=options, family=facts["family"],
+        prediction=facts["prediction"], zsnr=facts["zsnr"],
+        timestep_of_sigma=lambda s: model_sampling.timestep(s.to(model_sampling.sigmas.device)),
+    )
+
+
+def objective_metadata_of(model_sampling, options: ObjectiveOptions) -> dict[str, str]:
+    """The run's objective as sd-scripts' metadata keys (no ss_ prefix), for this model."""
+    facts = objective_facts(model_sampling)
+    return objective_metadata(options, facts["family"], facts["prediction"], zsnr=facts["zsnr"],
+                              model_shift=facts["shift"])
 
 
 def raw_output_from_denoised(model_sampling, sigma: torch.Tensor, denoised: torch.Tensor, noisy: torch.Tensor):
@@ -195,7 +231,7 @@ class _HadakronSampler(comfy.samplers.Sampler):
 def run_training(mp, network, latents: list[torch.Tensor], positive: list, config: TrainConfig,
                  callbacks: TrainCallbacks, *, resume=None, blocks: list | None = None,
                  gradient_checkpoint: bool = True, encode: Callable[[int], dict] | None = None,
-                 text_encoder=None):
+                 text_encoder=None, objective_options=None):
     """Train `network` (already built on mp's diffusion model) on latents/conds with the model's own objective.
 
     `latents`: per-sample latents (C, ...) in the VAE's space (process_latent_in is applied here);
@@ -211,7 +247,7 @@ def run_training(mp, network, latents: list[torch.Tensor], positive: list, confi
     processed = [mp.model.process_latent_in(x[None].float()).squeeze(0) for x in latents]
     count = len(processed)
     dataset = LatentDataset(processed, list(range(count)))
-    objective = model_sampling_objective(model_sampling)
+    objective = objective_for(model_sampling, objective_options)
 
     def run(model_wrap, extra_args):
         model_wrap.conds = process_cond_list(model_wrap.conds)

@@ -162,11 +162,14 @@ def layer_shape_problems(modules: Mapping[str, Specs], family: str | None,
         return []
     fam = get_family(family)
     problems = []
-    layer_shapes = {part: fam.layer_shapes(part) for part in fam.parts}
+    layer_shapes = {part: fam.layer_shapes(part) for part in fam.parts}  # stacked blocks past these: fam.layer
     flats: dict[tuple, tuple[int, int] | None] = {}  # delta-W shape per kind of module (shapes alike: same result)
     for mk, (part, dotted) in matched.items():
         specs = modules.get(mk)
         layer = layer_shapes[part].get(dotted) if part in layer_shapes else fam.layer_shapes(part).get(dotted)
+        if layer is None and part in fam.stacks:  # an Anima block past the default 28: block 0's shape
+            known = fam.layer(part, dotted)
+            layer = known.shape if known is not None else None
         if specs is None or layer is None:
             continue
         kind = tuple((p, s.shape) for p, s in specs.items())

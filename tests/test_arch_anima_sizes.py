@@ -188,3 +188,31 @@ def test_heatmap_cells_list_the_file_depth(n):
     assert family == "anima"
     assert [c.block for c in cells] == [f"blocks.{i}" for i in range(n)] + ["llm_adapter", "OTHER"]
     assert all(c.modules == 2 for c in cells[:n]) and all(c.modules == 0 for c in cells[n:])
+
+
+@pytest.mark.parametrize("width,n", [(2048, 52), (256, 10), (3072, 40)])
+def test_inspect_checks_layer_shapes_at_the_files_width_and_depth(tmp_path, capsys, width, n):
+    """`hadakron inspect`: a file for a DiT of another width (and depth) fits its own layers; a module that fits no
+    layer of that width is named, on a block past the default 28 too."""
+    import json
+
+    import safetensors.torch
+
+    from hadakron.cli import main
+
+    shapes = {"self_attn.q_proj": (width, width), "cross_attn.k_proj": (width, 1024),
+              "mlp.layer1": (4 * width, width), "mlp.layer2": (width, 4 * width)}
+    tensors = {}
+    for i in range(n):
+        for local, shape in shapes.items():
+            module = file_key("anima", "unet", f"blocks.{i}.{local}", "alpha", "kohya")[: -len(".alpha")]
+            tensors |= {f"{module}.{p}": t.contiguous() for p, t in lokr(shape).items()}
+    bad = f"lora_unet_blocks_{n - 1}_mlp_layer1"  # out dim 2 * width: fits no mlp.layer1 of this width
+    tensors |= {f"{bad}.{p}": t.contiguous() for p, t in lokr((2 * width, width)).items()}
+    path = tmp_path / f"anima_{width}_{n}.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == "anima" and report["parts"] == {"unet": 4 * n}
+    assert report["problems"] == [f"{bad}: delta-W is {2 * width}x{width} but Anima unet layer blocks.{n - 1}.mlp.layer1 "
+                                  f"is {4 * width}x{width} ({4 * width}x{width} flattened)"], report["problems"]

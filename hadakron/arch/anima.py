@@ -19,6 +19,7 @@ Block labels are the model's own module names, the spelling the loader's `block_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 
 from hadakron.arch.family import Family, Layer
@@ -100,6 +101,7 @@ def block_of(part: str, dotted: str) -> str:
     return f"blocks.{int(index)}" if head == "blocks" and index.isdigit() else "OTHER"
 
 
+@lru_cache(maxsize=8)  # a few sizes at most; the same size gives the same Family
 def anima_family(num_blocks: int = NUM_BLOCKS, model_channels: int = MODEL_CHANNELS) -> Family:
     """The Anima family with `num_blocks` DiT blocks of width `model_channels` (layer shapes follow the width)."""
     return Family(

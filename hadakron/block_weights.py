@@ -120,7 +120,7 @@ def block_id(family: str, part: str, dotted: str) -> str:
 
 def all_block_ids(family: str, *, num_blocks: int = ANIMA_DEFAULT_BLOCKS) -> tuple[str, ...]:
     """Every block id of `family` in vector order (SDXL: TE1, TE2, IN00..OUT08, OTHER; Anima: te, blocks.0..N-1,
-    llm_adapter, OTHER): the cells of the loader's ||dW|| heatmap."""
+    llm_adapter, OTHER, N = `num_blocks`, the model's or file's depth): the cells of the loader's ||dW|| heatmap."""
     if family == "sdxl":
         return _sdxl_ids_for_name("ALL")
     if family == "anima":
@@ -195,8 +195,9 @@ def _anima_ids_for_name(name: str, num_blocks: int) -> tuple[str, ...]:
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if lo > hi or hi >= num_blocks:
-            raise BlockWeightsError(
-                f"block weights: {name!r} is out of range: this Anima model has blocks.0..blocks.{num_blocks - 1}")
+            have = (f"{num_blocks} blocks, blocks.0..blocks.{num_blocks - 1}; the last is blocks.{num_blocks - 1}"
+                    if num_blocks else "no DiT blocks")
+            raise BlockWeightsError(f"block weights: {name!r} is out of range: this Anima model has {have}")
         return tuple(f"blocks.{i}" for i in range(lo, hi + 1))
     raise BlockWeightsError(
         f"block weights: unknown Anima block {name!r}; expected te, blocks.N, blocks.A-B, llm_adapter, OTHER or ALL")
@@ -238,8 +239,9 @@ def _vector(family: str, numbers: list[float], num_blocks: int) -> dict[str, flo
 
 
 def parse_block_weights(text: str | None, family: str, *, num_blocks: int = ANIMA_DEFAULT_BLOCKS) -> BlockWeights:
-    """Parse `block_weights` text for `family` ("sdxl"/"anima"); `num_blocks` is the Anima DiT depth: pass the
-    model's own (`len(diffusion_model.blocks)`: 40 and 52 exist); the default is `hadakron.arch.anima.NUM_BLOCKS`."""
+    """Parse `block_weights` text for `family` ("sdxl"/"anima"); `num_blocks` is the Anima DiT depth, checked by
+    every `blocks.N` entry and the vector length: pass the model's own (`hadakron.arch.anima_dims(model).num_blocks`:
+    10, 28, 40, 52, ...); the default (sd-scripts' 28) is for text checked with no model at hand."""
     if family not in ("sdxl", "anima"):
         raise BlockWeightsError(f"block weights: unknown model family {family!r} (expected 'sdxl' or 'anima')")
     raw = (text or "").strip()

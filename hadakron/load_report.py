@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from hadakron.arch import get_family, parse_module_key, parse_module_keys
+from hadakron.arch import Family, get_family, parse_module_key, parse_module_keys
 from hadakron.io import module_specs
 from hadakron.io.module_checks import NonfiniteTensors, nonfinite_applied, nonfinite_tensors, refusal, specs_of
 from hadakron.ops import algorithm_of, alpha_of, module_rank, module_scale, natural_shape
@@ -92,6 +92,7 @@ class LoadReport:
     patches_added: int = 0
     zero_strength: int = 0  # matched modules left out because their (block-weighted) strength is 0
     delta_norms: dict | None = None  # ||s*strength*dW||_F per block (hadakron.delta_norms.heatmap_payload), set by the loader
+    depths: dict[str, int] = field(default_factory=dict)  # stacked blocks of the model per part (Anima unet: blocks.N)
 
     # ------------------------------------------------------------ summaries
     def counts_by_part(self) -> dict[str, int]:
@@ -140,6 +141,7 @@ class LoadReport:
             "patches_added": self.patches_added,
             "zero_strength": self.zero_strength,
             "delta_norms": self.delta_norms,
+            "depths": dict(self.depths),
         }
 
     def to_json(self) -> str:
@@ -158,7 +160,8 @@ class LoadReport:
             lines.append("strength: " + ", ".join(f"{k} {v:g}" for k, v in self.strengths.items())
                          + (f"; block weights: {self.block_weights}" if self.block_weights else ""))
         for part, blocks in self.counts_by_block().items():
-            lines.append(f"  {part}: {sum(blocks.values())} ({_fmt_counts(blocks)})")
+            depth = f" of {self.depths[part]} blocks" if part in self.depths else ""
+            lines.append(f"  {part}{depth}: {sum(blocks.values())} ({_fmt_counts(blocks)})")
         if self.training:
             lines.append("training: " + ", ".join(f"{k.removeprefix('ss_')}={_short(v)}"
                                                   for k, v in self.training.items()))
@@ -286,6 +289,9 @@ def build_load_report(
         nonfinite = nonfinite_tensors(modules)
     resolver = resolver or default_resolver(family, modules)
     block_of = block_of or default_block_of(family)
+    fam = get_family(family)
+    depths = {part: fam.depth_of(part, (d for p, d in model_shapes if p == part))
+              for part in fam.stacks if any(p == part for p, _ in model_shapes)}
     parts_present = {p for p, _ in model_shapes}
     loaded = tuple(loaded_parts) if loaded_parts is not None else tuple(sorted(parts_present))
     matched: list[MatchedModule] = []
@@ -313,8 +319,7 @@ def build_load_report(
             continue
         shape = model_shapes.get((part, dotted))
         if shape is None:
-            unmatched.append(UnmatchedKey(module_key, "not_in_model",
-                                          f"{part} layer '{dotted}' does not exist in this model"))
+            unmatched.append(UnmatchedKey(module_key, "not_in_model", _not_in_model(fam, part, dotted, depths)))
             continue
         why = refusal(params)  # the module checks inspect runs: bad dtypes, shapes, alpha (module_specs)
         if why:
@@ -348,7 +353,18 @@ def build_load_report(
             scale=module_scale(params), params=params))
     return LoadReport(source=source, family=family, file_family=file_family, layouts=layouts, matched=matched,
                       unmatched=unmatched, problems=_with_alpha_warnings(problems, matched, metadata),
-                      training=training_metadata(metadata), loaded_parts=loaded)
+                      training=training_metadata(metadata), loaded_parts=loaded, depths=depths)
+
+
+def _not_in_model(fam: Family, part: str, dotted: str, depths: Mapping[str, int]) -> str:
+    """Why a known layer is not applied: absent from the model, with the model's depth for a block beyond it."""
+    hit = fam.stack_index(part, dotted)
+    if hit is not None and part in depths and hit[0] >= depths[part]:
+        n, prefix = depths[part], fam.stacks[part]
+        have = f"{prefix}0..{prefix}{n - 1}" if n else "no blocks"
+        return (f"{part} layer '{dotted}' does not exist in this model: block {hit[0]} is beyond its depth "
+                f"({n} blocks, {have})")
+    return f"{part} layer '{dotted}' does not exist in this model"
 
 
 def _with_alpha_warnings(problems: list[str] | None, matched: list[MatchedModule],

@@ -2,7 +2,8 @@
 
 `AdapterNetwork.build(family, parts, config)` finds each part's layers by their canonical dotted names
 (any model whose module paths follow the family's names: ComfyUI's, sd-scripts', our test models; a
-`diffusion_model.`-style prefix is found by itself). Layers are matched with `isinstance(nn.Linear /
+`diffusion_model.`-style prefix is found by itself). An Anima DiT's depth is the model's own (`blocks.N`: 10, 28,
+40, 52, ...), so the targets are as many blocks as it has. Layers are matched with `isinstance(nn.Linear /
 nn.Conv2d)`, so subclasses such as ComfyUI's cast ops count. Selection follows sd-scripts
 (`networks/network_base.py`): exclude/include patterns (`re.fullmatch` on the unprefixed dotted name,
 include only rescues), then the first matching `network_reg_dims` entry (alpha = network_alpha), then
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 
 from hadakron.adapters import AdapterModule, LoHa, LoKr
-from hadakron.arch import Family, compile_patterns, file_key, get_family, match_part_names, module_key, parse_keys
+from hadakron.arch import (Family, compile_patterns, family_for_model, file_key, get_family, match_part_names, module_key,
+                           parse_keys)
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
@@ -372,11 +374,12 @@ class AdapterNetwork(nn.Module):
                 return cls.build(family, parts, config, dtype=dtype, device=device)
         fam = get_family(family)
         config = config or NetworkConfig()
-        net = cls(fam, config)
         if not parts:
             raise ValueError(f"no parts given; {fam.title} has parts {list(fam.parts)}")
         for part in parts:
             fam.check_part(part)
+        fam = _sized_to(fam, parts)
+        net = cls(fam, config)
         conv = config.conv_dim is not None and int(config.conv_dim) > 0
         reg_dims = [(re.compile(p), d) for p, d in config.network_reg_dims.items()]
         reg_lrs = [re.compile(p) for p in config.network_reg_lrs]
@@ -441,6 +444,9 @@ class AdapterNetwork(nn.Module):
         and keys naming no known layer, raise a ValueError listing them.
         """
         fam = get_family(family)
+        for part in parts:
+            fam.check_part(part)
+        fam = _sized_to(fam, parts)
         config = config or NetworkConfig()
         net = cls(fam, config)
         grouped, _, unknown = _group_file(tensors, fam)
@@ -622,6 +628,11 @@ class AdapterNetwork(nn.Module):
                                    "part": part, "kind": kind,
                                    "description": title + suffix + (" plus" if kind == "plus" else "")})
         return groups
+
+
+def _sized_to(fam: Family, parts: Mapping[str, nn.Module]) -> Family:
+    """`fam` at the depth of the given model parts (Anima: as many `blocks.N` as the DiT has), so targets follow it."""
+    return family_for_model(fam, {p: [n for n, _ in m.named_modules()] for p, m in parts.items() if p in fam.stacks})
 
 
 def _group_file(tensors: Mapping[str, Tensor], fam: Family):

@@ -10,7 +10,7 @@ from pathlib import Path
 import comfy.model_base
 import folder_paths
 
-from hadakron.arch.anima import NUM_BLOCKS as ANIMA_NUM_BLOCKS
+from hadakron.arch import anima_dims
 from hadakron.block_weights import BlockWeights, BlockWeightsError, all_block_ids, block_id, parse_block_weights
 from hadakron.delta_norms import block_norms, delta_norm, heatmap_payload
 from hadakron.comfy_keys import comfy_weight_key, is_clip_part, layer_shapes
@@ -61,9 +61,8 @@ def model_family(model, node: str = "the LoHa/LoKr Loader", error: type[Exceptio
 
 
 def _anima_num_blocks(model) -> int:
-    dm = getattr(model.model, "diffusion_model", None)
-    blocks = getattr(dm, "blocks", None)
-    return len(blocks) if blocks is not None else ANIMA_NUM_BLOCKS
+    """The Anima DiT's own block count (`hadakron.arch.anima_dims` over its parameters): 10, 28, 40, 52, ..."""
+    return anima_dims(model.model).num_blocks
 
 
 def _state_shapes(module) -> dict[str, tuple[int, ...]]:
@@ -190,9 +189,9 @@ def apply_adapter(model, clip, adapter, strength_model: float, strength_clip: fl
                   block_weights_text: str = "", *, source: str | None = None):
     """Clone model/clip and add one lazy patch per matched weight; returns (model, clip, report)."""
     family = model_family(model)
+    depth = _anima_num_blocks(model) if family == "anima" else 0  # SDXL has no stack of blocks
     try:
-        bw: BlockWeights = parse_block_weights(block_weights_text, family,
-                                               num_blocks=_anima_num_blocks(model) if family == "anima" else 28)
+        bw: BlockWeights = parse_block_weights(block_weights_text, family, num_blocks=depth)
     except BlockWeightsError as exc:
         raise HadakronLoadError(str(exc)) from None
     modules = _modules_of(adapter)
@@ -235,8 +234,7 @@ def apply_adapter(model, clip, adapter, strength_model: float, strength_clip: fl
         for strength, patches in clip_patches.items():
             applied += len(new_clip.add_patches(patches, strength))
     report.patches_added = applied
-    report.delta_norms = delta_norm_heatmap(family, report, strengths,
-                                            _anima_num_blocks(model) if family == "anima" else 0)
+    report.delta_norms = delta_norm_heatmap(family, report, strengths, depth)
     if report.problems:
         log.warning("hadakron: %s: %d file warnings (see the node's report)", report.source, len(report.problems))
     return new_model, new_clip, report

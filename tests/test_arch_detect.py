@@ -71,10 +71,10 @@ def test_unknown_and_mixed_files():
     with pytest.raises(ValueError, match="no key names a layer of Anima"):
         r.require(family="anima")
     keys = default_file("anima", "kohya", parts=["unet"]) + default_file("anima", "comfyui", parts=["te"])
-    r = detect_family(keys + ["lora_unet_blocks_99_mlp_layer1.alpha"])
+    r = detect_family(keys + ["lora_unet_blocks_99_mlp_layer3.alpha"])  # blocks.N has no mlp.layer3
     assert r.family == "anima" and r.layout == "kohya"
     assert any("keys mix layouts: 1400 kohya, 980 comfyui" in x for x in r.reasons)
-    assert r.unknown == ["lora_unet_blocks_99_mlp_layer1.alpha"]
+    assert r.unknown == ["lora_unet_blocks_99_mlp_layer3.alpha"]
     assert any("1 keys name no known Anima layer" in x for x in r.reasons)
 
 

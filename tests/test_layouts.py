@@ -102,7 +102,9 @@ def test_known_spellings_anima():
 
 
 def test_unknown_names_are_not_guessed():
-    assert parse_module_key("lora_unet_blocks_28_self_attn_q_proj") is None  # Anima has 28 blocks: 0..27
+    assert parse_module_key("lora_unet_blocks_0_self_attn_x_proj") is None  # no such layer in an Anima block
+    assert parse_module_key("lora_unet_blocks_07_self_attn_q_proj") is None  # module names have no leading zeros
+    assert parse_module_key("lora_unet_llm_adapter_blocks_6_mlp_0") is None  # the llm_adapter has 6 blocks: 0..5
     assert parse_module_key("lora_unet_input_blocks_4_1_transformer_blocks_2_attn1_to_q") is None  # depth 2
     assert parse_module_key("lora_te1_text_model_encoder_layers_12_mlp_fc1") is None  # CLIP-L has 12 layers
     assert parse_module_key("lora_unet_blocks_0_self_attn_q_proj", "sdxl") is None
@@ -111,8 +113,8 @@ def test_unknown_names_are_not_guessed():
         convert_key("lora_unet_foo.alpha", "comfyui")
     with pytest.raises(ValueError, match="diffusers layout has no names for Anima"):
         module_key("anima", "unet", "blocks.0.mlp.layer1", "diffusers")
-    with pytest.raises(ValueError, match="unknown layer 'blocks.99.mlp.layer1'"):
-        module_key("anima", "unet", "blocks.99.mlp.layer1", "kohya")
+    with pytest.raises(ValueError, match="unknown layer 'blocks.99.mlp.layer3'"):
+        module_key("anima", "unet", "blocks.99.mlp.layer3", "kohya")
     with pytest.raises(ValueError, match="unknown key layout 'onetrainer'"):
         module_key("anima", "unet", "blocks.0.mlp.layer1", "onetrainer")
 

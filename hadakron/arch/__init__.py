@@ -4,7 +4,7 @@ Inside hadakron a layer is `(family, part, dotted)`: the dotted module path in t
 naming (SDXL SGM/LDM UNet names, CLIP `text_model...`, Anima `blocks.N...`, Qwen3 `layers.N...`).
 File layouts are conversions at the edge (`layouts`); `detect` finds the family of a file or a model.
 """
-from hadakron.arch.anima import ANIMA
+from hadakron.arch.anima import ANIMA, AnimaDims, anima_dims, anima_family
 from hadakron.arch.detect import DetectResult, detect_family, detect_model_family, match_part_names
 from hadakron.arch.family import Family, Layer, compile_patterns
 from hadakron.arch.layouts import (
@@ -12,6 +12,8 @@ from hadakron.arch.layouts import (
     get_family, join_key, module_key, parse_key, parse_keys, parse_module_key, parse_module_keys, split_key,
 )
 from hadakron.arch.sdxl import DIFFUSERS_TO_SGM, SDXL, SGM_TO_DIFFUSERS
+from hadakron.arch.depth import (anima_file_num_blocks, family_for_file, family_for_model, file_depths,
+                                 model_depths)
 
 __all__ = [
     "ANIMA", "SDXL", "FAMILIES", "Family", "Layer", "get_family", "compile_patterns",
@@ -19,4 +21,6 @@ __all__ = [
     "parse_module_key", "parse_module_keys", "parse_key", "parse_keys", "convert_key", "convert_state_dict",
     "DIFFUSERS_TO_SGM", "SGM_TO_DIFFUSERS",
     "DetectResult", "detect_family", "detect_model_family", "match_part_names",
+    "AnimaDims", "anima_dims", "anima_family", "anima_file_num_blocks", "family_for_file", "family_for_model",
+    "file_depths", "model_depths",
 ]

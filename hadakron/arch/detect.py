@@ -35,6 +35,7 @@ class DetectResult:
     modules: dict[str, tuple[str, str]] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
     prefixes: dict[str, str] = field(default_factory=dict)
+    depths: dict[str, int] = field(default_factory=dict)  # stacked blocks found per part (Anima unet: blocks.N + 1)
 
     def summary(self) -> str:
         """One line: family, parts, layout and algorithms."""
@@ -145,8 +146,9 @@ def detect_family(keys: Iterable[str]) -> DetectResult:
         params[mk].add(param)
         modules[mk] = (hit[1], hit[2])
     algos = Counter(_algorithm(ps) for ps in params.values())
+    depths = {p: fam.depth_of(p, (d for part, d in modules.values() if part == p)) for p in fam.stacks}
     return DetectResult(best, parts, layout, reasons, counts=counts, algorithms=dict(algos),
-                        modules=modules, unknown=unknown)
+                        modules=modules, unknown=unknown, depths=depths)
 
 
 def _spelled_in(fam: Family, parsed: list[tuple[str, str, str, tuple[str, str, str, str]]], layout: str) -> bool:
@@ -188,11 +190,10 @@ def _names(named_modules: Iterable[tuple[str, object]] | Iterable[str] | "torch.
 def match_part_names(family: str | Family, part: str, names: Iterable[str]) -> tuple[str, dict[str, str]]:
     """`(prefix, {dotted: module name})`: the name prefix under which most of `part`'s layers are found."""
     fam = get_family(family)
-    known = fam.layers[part]
     names = list(names)
     best: tuple[str, dict[str, str]] = ("", {})
-    for prefix in _MODEL_PREFIXES.get(part, ("",)):
-        found = {n[len(prefix):]: n for n in names if n.startswith(prefix) and n[len(prefix):] in known}
+    for prefix in _MODEL_PREFIXES.get(part, ("",)):  # stacked blocks (Anima blocks.N) count at any depth
+        found = {n[len(prefix):]: n for n in names if n.startswith(prefix) and fam.knows(part, n[len(prefix):])}
         if len(found) > len(best[1]):
             best = (prefix, found)
     return best
@@ -207,12 +208,15 @@ def detect_model_family(named_modules: Iterable[tuple[str, object]] | Iterable[s
     names = _names(named_modules)
     counts: dict[str, dict[str, int]] = {}
     found_parts: dict[str, dict[str, str]] = {}
+    depths: dict[str, dict[str, int]] = {}
     for fname, fam in FAMILIES.items():
-        counts[fname], found_parts[fname] = {}, {}
+        counts[fname], found_parts[fname], depths[fname] = {}, {}, {}
         for part in fam.parts:
             prefix, found = match_part_names(fam, part, names)
             counts[fname][part] = len(found)
             found_parts[fname][part] = prefix
+            if part in fam.stacks:
+                depths[fname][part] = fam.depth_of(part, found)
     # CLIP-L/CLIP-G: keep the one with the larger coverage when both match the same names
     if counts["sdxl"]["te1"] and counts["sdxl"]["te2"] and found_parts["sdxl"]["te1"] == found_parts["sdxl"]["te2"]:
         drop = "te1" if counts["sdxl"]["te2"] > counts["sdxl"]["te1"] else "te2"
@@ -223,10 +227,11 @@ def detect_model_family(named_modules: Iterable[tuple[str, object]] | Iterable[s
         sample = ", ".join(repr(n) for n in names[1:4])
         return DetectResult(None, (), None, [f"no module of the model ({len(names)} names, e.g. {sample}) "
                                              f"is a known SDXL or Anima layer"], counts=counts)
-    fam = FAMILIES[best]
+    fam = FAMILIES[best].with_depth(depths[best]) if depths[best] else FAMILIES[best]  # listed at the model's depth
     parts = tuple(p for p in fam.parts if counts[best][p])
     reasons = [f"{counts[best][p]} of {len(fam.layers[p])} {fam.title} {fam.part_titles[p]} layers found"
+               + (f" ({depths[best][p]} blocks)" if p in depths[best] else "")
                + (f" under prefix {found_parts[best][p]!r}" if found_parts[best][p] else "") for p in parts]
     return DetectResult(best, parts, None, reasons, counts=counts,
-                        prefixes={p: found_parts[best][p] for p in parts})
+                        prefixes={p: found_parts[best][p] for p in parts}, depths=depths[best])
 

@@ -4,12 +4,14 @@ Each adaptable layer of a part is a `Layer` with its canonical dotted name (no p
 weight shape and the sd-scripts target class (`group`) that holds it. Selection follows sd-scripts'
 `create_modules`: candidates are the Linear/Conv2d children of the target classes; a pattern list is
 matched with `re.fullmatch` on the unprefixed dotted name; include patterns only rescue excluded names.
+A part may hold a stack of like blocks (`stacks`, Anima `blocks.N`): its names resolve at any index, and
+`with_depth` gives the family listing exactly a model's or file's number of blocks.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,21 @@ class Family:
     default_excludes: list[str]
     part_titles: dict[str, str]
     block_fn: Callable[[str, str], str]
+    # part -> prefix of a stack of like blocks (Anima: {"unet": "blocks."}): `<prefix>N.<local>` names a layer for
+    # every N when block 0 has `<local>`, so names of any depth resolve; `with_depth` lists the layers of N blocks.
+    stacks: dict[str, str] = field(default_factory=dict)
+    # part -> {local name: Layer of block 0}: the layers every stacked block has (taken from `layers` when empty)
+    stack_layers: dict[str, dict[str, Layer]] = field(default_factory=dict)
     # Lazily built reverse lookups: part -> {dotted.replace(".", "_"): dotted}
-    _joined: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
+    _joined: dict[str, dict[str, str]] = field(default_factory=dict, repr=False, compare=False)
+    _sized: dict[tuple, "Family"] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for part, prefix in self.stacks.items():
+            if part not in self.stack_layers:
+                first = prefix + "0."
+                self.stack_layers[part] = {d[len(first):]: layer for d, layer in self.layers[part].items()
+                                           if d.startswith(first)}
 
     # ------------------------------------------------------------------ data access
     def check_part(self, part: str) -> None:
@@ -66,8 +81,90 @@ class Family:
         return {d: layer.shape for d, layer in self.layers[part].items()}
 
     def layer(self, part: str, dotted: str) -> Layer | None:
+        """The known layer `dotted` of `part`; a stacked block's layer at any index (shape and group of block 0)."""
         self.check_part(part)
-        return self.layers[part].get(dotted)
+        known = self.layers[part].get(dotted)
+        if known is not None:
+            return known
+        hit = self.stack_index(part, dotted)
+        if hit is None:
+            return None
+        template = self.stack_layers[part].get(hit[1])
+        return None if template is None else Layer(dotted, template.shape, template.group)
+
+    def knows(self, part: str, dotted: str) -> bool:
+        """Whether `dotted` names a layer of `part` (stacked blocks at any index: the depth comes from the model or file)."""
+        return dotted in self.layers[part] or self.layer(part, dotted) is not None
+
+    def stack_index(self, part: str, dotted: str) -> tuple[int, str] | None:
+        """`(N, local)` when `dotted` is `<stack prefix>N.<local>` of `part`, else None (no check that `local` exists)."""
+        prefix = self.stacks.get(part)
+        if prefix is None or not dotted.startswith(prefix):
+            return None
+        head, _, local = dotted[len(prefix):].partition(".")
+        return (int(head), local) if _index(head) and local else None
+
+    def depth_of(self, part: str, dotted_names: Iterable[str]) -> int:
+        """Number of stacked blocks the names reach (highest `blocks.N` + 1; 0 when none): the model's or file's depth."""
+        depth = 0
+        for dotted in dotted_names:
+            hit = self.stack_index(part, dotted)
+            if hit is not None and hit[1] in self.stack_layers.get(part, {}):
+                depth = max(depth, hit[0] + 1)
+        return depth
+
+    def with_depth(self, depths: Mapping[str, int]) -> "Family":
+        """This family with `depths[part]` stacked blocks listed in `layers` (block ids, targets and counts follow);
+        parts without a stack are unchanged. The same depths give the same object."""
+        depths = {p: int(n) for p, n in depths.items() if p in self.stacks}
+        for part, n in depths.items():
+            if n < 0:
+                raise ValueError(f"{self.name} {part}: depth must be >= 0; got {n}")
+        if not depths:
+            return self
+        key = tuple(sorted(depths.items()))
+        if key in self._sized:
+            return self._sized[key]
+        layers = dict(self.layers)
+        for part, n in depths.items():
+            prefix = self.stacks[part]
+            rows: dict[str, Layer] = {}
+            placed = False
+            stacked = [Layer(f"{prefix}{i}.{local}", t.shape, t.group)
+                       for i in range(n) for local, t in self.stack_layers[part].items()]
+            for d, layer in self.layers[part].items():
+                if self.stack_index(part, d) is not None:
+                    if not placed:  # the blocks go where the stack stood in the family's own list
+                        rows.update((x.dotted, x) for x in stacked)
+                        placed = True
+                    continue
+                rows[d] = layer
+            if not placed:
+                rows.update((x.dotted, x) for x in stacked)
+            layers[part] = rows
+        sized = replace(self, layers=layers, stack_layers=self.stack_layers, _joined={}, _sized=self._sized)
+        self._sized[key] = sized
+        return sized
+
+    def from_joined(self, part: str, joined: str) -> str | None:
+        """The dotted name of a `_`-joined one (kohya / LyCORIS keys): from the known names, and for stacked blocks
+        from block 0's names at any index (`blocks_45_mlp_layer1` -> `blocks.45.mlp.layer1`); None when unknown."""
+        dotted = self.joined_lookup(part).get(joined)
+        if dotted is not None:
+            return dotted
+        prefix = self.stacks.get(part)
+        if prefix is None:
+            return None
+        head = prefix.replace(".", "_")
+        if not joined.startswith(head):
+            return None
+        index, _, local = joined[len(head):].partition("_")
+        if not _index(index) or not local:
+            return None
+        for name in self.stack_layers[part]:
+            if name.replace(".", "_") == local:
+                return f"{prefix}{int(index)}.{name}"
+        return None
 
     def joined_lookup(self, part: str) -> dict[str, str]:
         """`{dotted with '.' -> '_': dotted}` for every known layer of `part` (no guessing of underscores)."""
@@ -84,7 +181,7 @@ class Family:
 
     def part_of(self, dotted: str) -> list[str]:
         """The parts that have a layer named `dotted` (SDXL CLIP names exist in both te1 and te2)."""
-        return [p for p in self.parts if dotted in self.layers[p]]
+        return [p for p in self.parts if self.knows(p, dotted)]
 
     # ------------------------------------------------------------------ selection
     def candidates(self, part: str, *, conv: bool = False, train_llm_adapter: bool = False) -> list[str]:
@@ -128,6 +225,11 @@ class Family:
         """Block label for reports and block weights (see the family module for the convention)."""
         self.check_part(part)
         return self.block_fn(part, dotted)
+
+
+def _index(text: str) -> bool:
+    """A block index as module names spell it: digits, no leading zero (`07` is no index; `0` is)."""
+    return text.isdigit() and (text == "0" or not text.startswith("0"))
 
 
 def compile_patterns(patterns: Iterable[str] | str | None, what: str) -> list[re.Pattern[str]]:

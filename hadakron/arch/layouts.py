@@ -20,7 +20,8 @@ without `text_encoders.`, `qwen3_06b.transformer.model.`, `unet.base_model.model
 `lycoris_` or bare prefix with diffusers names, `lycoris_` with SGM names, and diffusers
 `...attn1.processor.to_q` / `...processor.to_out`. Bare `base_model.model.text_model...` (SDXL) is
 CLIP-G when its layer index exists only there (12..31) and CLIP-L otherwise. `_`-joined names go back
-to dotted names only through a lookup built from the family's layer list: never by guessing.
+to dotted names only through a lookup built from the family's layer list: never by guessing. Stacked blocks
+(Anima `blocks.N`) resolve at any index whose block-0 name is known, so files of 40- or 52-block models parse.
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def module_key(family: str | Family, part: str, dotted: str, layout: str) -> str
     fam = get_family(family)
     check_layout(layout)
     fam.check_part(part)
-    if dotted not in fam.layers[part]:
+    if not fam.knows(part, dotted):
         raise ValueError(f"{fam.name} {part}: unknown layer {dotted!r} (not in the family's layer list)")
     if layout == "kohya" or (layout == "lycoris" and part != "unet"):
         return _KOHYA[fam.name][part] + dotted.replace(".", "_")
@@ -205,14 +206,14 @@ def _resolve(fam: Family, rule: _Rule, rest: str) -> tuple[str, str] | None:
     """`(part, dotted)` for the name after the rule's prefix, from known names only."""
     for part in rule.parts:
         if rule.names == "dotted":
-            dotted = rest if rest in fam.layers[part] else None
+            dotted = rest if fam.knows(part, rest) else None
         elif rule.names == "joined":
-            dotted = fam.joined_lookup(part).get(rest)
+            dotted = fam.from_joined(part, rest)
         elif rule.names == "diff_dotted":
             dotted = _diffusers_dotted(rest)
         else:
             dotted = _DIFF_JOINED.get(rest)
-        if dotted is not None and dotted in fam.layers[part]:
+        if dotted is not None and fam.knows(part, dotted):
             return part, dotted
     return None
 

@@ -18,7 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
-from hadakron.arch import detect_family, get_family
+from hadakron.arch import ANIMA, anima_family, detect_family, get_family
+from hadakron.arch.anima import MODEL_CHANNELS
 from hadakron.commands.common import human_size
 from hadakron.io import module_specs
 from hadakron.io.module_specs import Specs, TensorSpec, algorithm_guess, group_modules
@@ -161,12 +162,18 @@ def layer_shape_problems(modules: Mapping[str, Specs], family: str | None,
     if family is None:
         return []
     fam = get_family(family)
+    width = anima_file_width(modules, matched) if fam.name == "anima" else None
+    if width is not None and width != MODEL_CHANNELS:  # a file for a narrower or wider DiT: checked at its width
+        fam = anima_family(model_channels=width)
     problems = []
-    layer_shapes = {part: fam.layer_shapes(part) for part in fam.parts}
+    layer_shapes = {part: fam.layer_shapes(part) for part in fam.parts}  # stacked blocks past these: fam.layer
     flats: dict[tuple, tuple[int, int] | None] = {}  # delta-W shape per kind of module (shapes alike: same result)
     for mk, (part, dotted) in matched.items():
         specs = modules.get(mk)
         layer = layer_shapes[part].get(dotted) if part in layer_shapes else fam.layer_shapes(part).get(dotted)
+        if layer is None and part in fam.stacks:  # an Anima block past the default 28: block 0's shape
+            known = fam.layer(part, dotted)
+            layer = known.shape if known is not None else None
         if specs is None or layer is None:
             continue
         kind = tuple((p, s.shape) for p, s in specs.items())
@@ -186,6 +193,26 @@ def layer_shape_problems(modules: Mapping[str, Specs], family: str | None,
             problems.append(f"{mk}: delta-W is {flat[0]}x{flat[1]} but {fam.title} {part} layer {dotted} is "
                             f"{'x'.join(map(str, layer))} ({layer[0]}x{want_cols} flattened)")
     return problems
+
+
+# Layers of an Anima block whose out dim is the DiT width (attention projections, mlp.layer2).
+_WIDTH_LAYERS = frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.output_proj",
+                           "cross_attn.q_proj", "cross_attn.output_proj", "mlp.layer2"})
+
+
+def anima_file_width(modules: Mapping[str, Specs], matched: Mapping[str, tuple[str, str]]) -> int | None:
+    """The DiT width an Anima file was made for: the most common delta-W out dim of its block layers whose out dim is
+    the width (no model is at hand to say it); None when the file has none of them."""
+    outs: Counter[int] = Counter()
+    for mk, (part, dotted) in matched.items():
+        hit = ANIMA.stack_index(part, dotted) if part == "unet" else None
+        if hit is None or hit[1] not in _WIDTH_LAYERS or mk not in modules:
+            continue
+        try:
+            outs[shape_rules.delta_flat(module_specs.shapes(modules[mk]))[0]] += 1
+        except ValueError:
+            continue  # reported as a module problem
+    return outs.most_common(1)[0][0] if outs else None
 
 
 # ------------------------------------------------------------------ per-module facts

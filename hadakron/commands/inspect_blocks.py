@@ -62,18 +62,16 @@ def block_cells(modules: Mapping[str, Mapping[str, np.ndarray]], keys: list[str]
         return None, []
     fam = get_family(detection.family)
     entries = []
-    depth = 0
     for module_key, params in modules.items():
         hit = detection.modules.get(module_key)
         if hit is None:
             continue
         part, dotted = hit
-        block = fam.block_of(part, dotted)
-        if block.startswith("blocks."):
-            depth = max(depth, int(block.split(".")[1]) + 1)
-        entries.append((part, block, delta_norm(params), module_scale(params)))
+        entries.append((part, fam.block_of(part, dotted), delta_norm(params), module_scale(params)))
     parts = {part for part, _ in detection.modules.values()}
-    ids = all_block_ids(fam.name, num_blocks=max(depth, 28)) if fam.name == "anima" else all_block_ids(fam.name)
+    # Anima: as many DiT blocks as the file's keys reach (no model here says more), never an assumed 28
+    ids = (all_block_ids(fam.name, num_blocks=detection.depths.get("unet", 0)) if fam.name == "anima"
+           else all_block_ids(fam.name))
     te = {"te", "te1", "te2"}
     order = [("unet", b) for b in ids if b.lower() not in te and "unet" in parts]
     order += [(b.lower(), b) for b in ids if b.lower() in te and b.lower() in parts]

@@ -340,3 +340,41 @@ def test_anima_loader_bakes_exactly_through_model_and_clip_save(comfy, anima_fil
     _assert_baked(te_file, te_base, targets, s_clip, extras=frozenset({"qwen3_06b.logit_scale"}))
     _free([unet_file, te_file])
     print(f"\n[time] anima mixed: {time.time() - t0:.1f} s (prompt {run.seconds:.1f} s)")
+
+
+def test_anima_report_and_block_weights_follow_the_models_ten_blocks(comfy, anima_files, server_lora):
+    """ComfyUI builds 10 DiT blocks at narrow widths (not sd-scripts' 28): a file on every block, plus two blocks past
+    the model, reports blocks.0..blocks.9 with the two extras as beyond its 10 blocks; `blocks.10=` is refused."""
+    depth = 1 + max(int(m.split(".")[1]) for m in anima_files.unet_layers if m.startswith("blocks."))
+    assert depth == 10  # what ComfyUI builds from the small DiT file
+    shape = anima_files.unet_layers["blocks.0.self_attn.q_proj"]
+    on_model = {("unet", f"blocks.{i}.self_attn.q_proj"): "lokr_lowrank" for i in range(depth)}
+    beyond = {("unet", "blocks.10.self_attn.q_proj"): "loha", ("unet", "blocks.27.self_attn.q_proj"): "loha"}
+    name = "srv_anima_every_block.safetensors"
+    _write_adapter(server_lora, name, on_model | beyond, {k: shape for k in on_model | beyond}, seed=43)
+
+    def prompt(block_weights: str):
+        g = Graph()
+        unet = g.node("UNETLoader", unet_name=anima_files.unet, weight_dtype="default")
+        loader = g.node("HadakronLoaderModelOnly", model=unet[0], lora_name=name, strength_model=1.0,
+                        block_weights=block_weights)
+        g.node("PreviewAny", source=loader[1])
+        return g, loader
+
+    g, loader = prompt("blocks.9=0.5")
+    report, text = _report(comfy.run(g), loader.id)
+    assert report["by_block"] == {"unet": {f"blocks.{i}": 1 for i in range(depth)}}, report["by_block"]
+    assert report["depths"] == {"unet": depth} and report["patches_added"] == depth
+    assert sorted(u["key"] for u in report["unmatched"]) == ["lora_unet_blocks_10_self_attn_q_proj",
+                                                            "lora_unet_blocks_27_self_attn_q_proj"]
+    for u in report["unmatched"]:
+        assert u["kind"] == "not_in_model" and "beyond its depth (10 blocks, blocks.0..blocks.9)" in u["reason"], u
+    cells = [c["block"] for c in report["delta_norms"]["cells"]]
+    assert cells == [f"blocks.{i}" for i in range(depth)] + ["llm_adapter", "OTHER"], cells
+    assert f"unet of {depth} blocks: {depth} (blocks.0 1, " in text, text
+
+    g, loader = prompt("blocks.10=0")
+    run = comfy.run(g, expect_error=True)
+    message = (run.error or {}).get("exception_message", "")
+    assert "'blocks.10' is out of range: this Anima model has 10 blocks" in message, run.error
+    assert "the last is blocks.9" in message, message

@@ -3,17 +3,28 @@
 Inside hadakron a layer is `(family, part, dotted)`: the dotted module path in the family's canonical
 naming (SDXL SGM/LDM UNet names, CLIP `text_model...`, Anima `blocks.N...`, Qwen3 `layers.N...`).
 File layouts are conversions at the edge (`layouts`); `detect` finds the family of a file or a model.
+
+Names are loaded on first use (PEP 562): `hadakron.arch.keys` (split a file key) imports without building the
+family tables, which `hadakron inspect` relies on to start its value scan before it needs them.
 """
-from hadakron.arch.anima import ANIMA, AnimaDims, anima_dims, anima_family
-from hadakron.arch.detect import DetectResult, detect_family, detect_model_family, match_part_names
-from hadakron.arch.family import Family, Layer, compile_patterns
-from hadakron.arch.layouts import (
-    FAMILIES, LAYOUT_TITLES, LAYOUTS, PARAMS, ParsedKey, convert_key, convert_state_dict, file_key,
-    get_family, join_key, module_key, parse_key, parse_keys, parse_module_key, parse_module_keys, split_key,
-)
-from hadakron.arch.sdxl import DIFFUSERS_TO_SGM, SDXL, SGM_TO_DIFFUSERS
-from hadakron.arch.depth import (anima_file_num_blocks, family_for_file, family_for_model, file_depths,
-                                 model_depths)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES: dict[str, str] = {
+    **dict.fromkeys(("ANIMA", "AnimaDims", "anima_dims", "anima_family"), "anima"),
+    **dict.fromkeys(("anima_file_num_blocks", "family_for_file", "family_for_model", "file_depths", "model_depths"),
+                    "depth"),
+    **dict.fromkeys(("DetectResult", "detect_family", "detect_model_family", "match_part_names"), "detect"),
+    **dict.fromkeys(("Family", "Layer", "compile_patterns"), "family"),
+    **dict.fromkeys(("FAMILIES", "LAYOUT_TITLES", "LAYOUTS", "ParsedKey", "convert_key", "convert_state_dict",
+                     "file_key", "get_family", "module_key", "parse_key", "parse_keys", "parse_module_key",
+                     "parse_module_keys"), "layouts"),
+    **dict.fromkeys(("PARAMS", "join_key", "split_key"), "keys"),
+    **dict.fromkeys(("DIFFUSERS_TO_SGM", "SDXL", "SGM_TO_DIFFUSERS"), "sdxl"),
+}
+_SUBMODULES = ("anima", "depth", "detect", "family", "keys", "layouts", "sdxl")
 
 __all__ = [
     "ANIMA", "SDXL", "FAMILIES", "Family", "Layer", "get_family", "compile_patterns",
@@ -24,3 +35,19 @@ __all__ = [
     "AnimaDims", "anima_dims", "anima_family", "anima_file_num_blocks", "family_for_file", "family_for_model",
     "file_depths", "model_depths",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that holds `name` on first use and cache the name here."""
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

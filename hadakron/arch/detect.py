@@ -6,7 +6,7 @@ algorithm (a LoRA file where LoHa/LoKr was asked) into a clear error.
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -88,22 +88,30 @@ def _algorithm(params: set[str]) -> str:
 def detect_family(keys: Iterable[str]) -> DetectResult:
     """Family, parts and layout of an adapter file from its keys, with the reasons.
 
-    Each module key is resolved once per family (`parse_module_keys`: what `parse_keys` does for every key of it),
-    and the layout check spells each module once per candidate layout."""
+    Each key is split once and grouped by module; each module key is resolved once per family
+    (`parse_module_keys`: what `parse_keys` does for every key of it) and spelled once per candidate layout."""
     keys = list(keys)
     split: dict[str, tuple[str, str]] = {}
     unsplit: list[str] = []  # keys with no adapter tensor name: unknown to every family
+    groups: dict[str, list[tuple[str, str]]] = {}  # module key -> [(key, param)], modules in first-key order
     for k in keys:
+        if k in split:
+            continue
         try:
-            split[k] = split_key(k)
+            mk, param = split[k] = split_key(k)
         except ValueError:
             unsplit.append(k)
-    module_keys = dict.fromkeys(mk for mk, _ in split.values())
+            continue
+        group = groups.get(mk)
+        if group is None:
+            groups[mk] = [(k, param)]
+        else:
+            group.append((k, param))
     best = None
     counts: dict[str, dict[str, int]] = {}
     per_family = {}
     for name, fam in FAMILIES.items():
-        hits = parse_module_keys(module_keys, fam)
+        hits = parse_module_keys(groups, fam)
         per_family[name] = hits
         modules = {(h[1], h[2]) for h in hits.values() if h is not None}
         counts[name] = {part: sum(1 for m in modules if m[0] == part) for part in fam.parts}
@@ -117,9 +125,9 @@ def detect_family(keys: Iterable[str]) -> DetectResult:
                             counts=counts, unknown=keys)
     fam = FAMILIES[best]
     hits = per_family[best]
-    # (key, module key, param, (family, part, dotted, layout)) in key order, as `parse_keys` lists them
-    parsed = [(k, mk, param, hits[mk]) for k, (mk, param) in split.items() if hits[mk] is not None]
-    unknown = unsplit + [k for k, (mk, _) in split.items() if hits[mk] is None]
+    # (module key, (family, part, dotted, layout), [(key, param)]) of the known modules, in first-key order
+    matched = [(mk, hits[mk], pairs) for mk, pairs in groups.items() if hits[mk] is not None]
+    unknown = unsplit + ([k for k, (mk, _) in split.items() if hits[mk] is None] if len(matched) < len(groups) else [])
     parts = tuple(p for p in fam.parts if counts[best][p])
     reasons = [f"{counts[best][p]} modules name {fam.title} {fam.part_titles[p]} layers" for p in parts]
     for other, c in counts.items():
@@ -130,38 +138,45 @@ def detect_family(keys: Iterable[str]) -> DetectResult:
 
     layout = None
     for candidate in LAYOUTS:
-        if _spelled_in(fam, parsed, candidate):
+        if _spelled_in(fam, matched, candidate):
             layout = candidate
             break
     if layout is None:
-        votes = Counter(hit[3] for _, _, _, hit in parsed)
+        votes = Counter(hits[mk][3] for k, (mk, _) in split.items() if hits[mk] is not None)  # in key order
         layout = votes.most_common(1)[0][0]
         if len(votes) > 1:
             reasons.append("keys mix layouts: " + ", ".join(f"{n} {lay}" for lay, n in votes.most_common()))
         else:
             reasons.append(f"layout {layout} in a non-canonical spelling")
-    params: dict[str, set[str]] = defaultdict(set)
     modules: dict[str, tuple[str, str]] = {}
-    for _, mk, param, hit in parsed:
-        params[mk].add(param)
+    algos: Counter[str] = Counter()
+    algorithm_of_names: dict[frozenset[str], str] = {}  # modules alike (same tensor names): one lookup
+    for mk, hit, pairs in matched:
         modules[mk] = (hit[1], hit[2])
-    algos = Counter(_algorithm(ps) for ps in params.values())
+        names = frozenset(param for _, param in pairs)
+        algo = algorithm_of_names.get(names)
+        if algo is None:
+            algo = algorithm_of_names[names] = _algorithm(set(names))
+        algos[algo] += 1
     depths = {p: fam.depth_of(p, (d for part, d in modules.values() if part == p)) for p in fam.stacks}
     return DetectResult(best, parts, layout, reasons, counts=counts, algorithms=dict(algos),
                         modules=modules, unknown=unknown, depths=depths)
 
 
-def _spelled_in(fam: Family, parsed: list[tuple[str, str, str, tuple[str, str, str, str]]], layout: str) -> bool:
-    """Whether every parsed key is exactly `file_key(fam, part, dotted, param, layout)` (False where the layout
-    cannot spell one of them); each module's key is spelled once."""
-    spelled: dict[str, str] = {}
+def _spelled_in(fam: Family, matched: list[tuple[str, tuple[str, str, str, str], list[tuple[str, str]]]],
+                layout: str) -> bool:
+    """Whether every key of the `matched` modules is exactly `file_key(fam, part, dotted, param, layout)` (False
+    where the layout cannot spell one of them); each module is spelled once, each parameter name once."""
+    suffixes: dict[str, str] = {}  # param -> "." + its spelling in `layout`
     try:
-        for key, mk, param, hit in parsed:
-            module = spelled.get(mk)
-            if module is None:
-                module = spelled[mk] = module_key(fam, hit[1], hit[2], layout)
-            if join_key(module, param, layout) != key:
-                return False
+        for _mk, hit, pairs in matched:
+            module = module_key(fam, hit[1], hit[2], layout)
+            for key, param in pairs:
+                suffix = suffixes.get(param)
+                if suffix is None:
+                    suffix = suffixes[param] = join_key("", param, layout)
+                if module + suffix != key:
+                    return False
     except ValueError:
         return False
     return True

@@ -26,11 +26,11 @@ to dotted names only through a lookup built from the family's layer list: never 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from hadakron.arch.anima import ANIMA
 from hadakron.arch.family import Family
+from hadakron.arch.keys import PARAM_ALIASES, PARAMS, join_key, split_key  # noqa: F401  (re-exported)
 from hadakron.arch.sdxl import DIFFUSERS_TO_SGM, SDXL, SGM_TO_DIFFUSERS
 
 LAYOUTS = ("kohya", "lycoris", "comfyui", "peft", "diffusers")
@@ -42,29 +42,6 @@ LAYOUT_TITLES = {
     "diffusers": "diffusers (unet./text_encoder.)",
 }
 FAMILIES: dict[str, Family] = {"sdxl": SDXL, "anima": ANIMA}
-
-# Parameter suffixes a module key can carry, mapped to hadakron's canonical names.
-PARAM_ALIASES: dict[str, str] = {
-    "lora_A.weight": "lora_down.weight",
-    "lora_B.weight": "lora_up.weight",
-    "lora.down.weight": "lora_down.weight",
-    "lora.up.weight": "lora_up.weight",
-    "lora_linear_layer.down.weight": "lora_down.weight",
-    "lora_linear_layer.up.weight": "lora_up.weight",
-}
-PARAMS: tuple[str, ...] = (
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
-    "lora_up.weight", "lora_down.weight", "lora_mid.weight",
-    "alpha", "dora_scale", "scalar", "diff", "diff_b", "w_norm", "b_norm", "set_weight", "on_input",
-    *PARAM_ALIASES,
-)
-_SUFFIXES = sorted(PARAMS, key=len, reverse=True)
-_SUFFIXES_BY_LAST: dict[str, tuple[str, ...]] = {}
-for _s in _SUFFIXES:  # a key can end in "." + suffix only when its last segment is the suffix's last segment
-    _SUFFIXES_BY_LAST[_s.rpartition(".")[2]] = _SUFFIXES_BY_LAST.get(_s.rpartition(".")[2], ()) + (_s,)
-_AB_LAYOUTS = ("peft", "diffusers")
-_TO_AB = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 
 
 def get_family(name: str | Family) -> Family:
@@ -80,30 +57,6 @@ def get_family(name: str | Family) -> Family:
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown key layout {layout!r}; known: {list(LAYOUTS)}")
-
-
-# ---------------------------------------------------------------------------------------- params
-@lru_cache(maxsize=1 << 16)  # detection, grouping and checks split the same keys of a file several times
-def split_key(key: str) -> tuple[str, str]:
-    """`(module_key, param)` of a file key; param in canonical spelling (PEFT lora_A -> lora_down.weight).
-
-    Raises ValueError naming the key when it ends in no known adapter tensor name.
-    """
-    for suffix in _SUFFIXES_BY_LAST.get(key.rpartition(".")[2], ()):  # _SUFFIXES' order, only those that can match
-        if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
-            return key[: -len(suffix) - 1], PARAM_ALIASES.get(suffix, suffix)
-    for old, new in (("_lora.up.weight", "lora_up.weight"), ("_lora.down.weight", "lora_down.weight")):
-        if key.endswith(old) and len(key) > len(old):  # diffusers attn-procs: `...to_q_lora.up.weight`
-            return key[: -len(old)], new
-    raise ValueError(f"key {key!r} ends in no known adapter tensor name (known: {', '.join(PARAMS)})")
-
-
-def join_key(module_key: str, param: str, layout: str) -> str:
-    """File key for `param` (canonical name) of `module_key` in `layout`'s own spelling."""
-    param = PARAM_ALIASES.get(param, param)
-    if layout in _AB_LAYOUTS:
-        param = _TO_AB.get(param, param)
-    return f"{module_key}.{param}"
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -146,13 +99,20 @@ def file_key(family: str | Family, part: str, dotted: str, param: str, layout: s
 
 
 # ---------------------------------------------------------------------------------------- reading
-@dataclass(frozen=True)
 class _Rule:
-    prefix: str
-    family: str
-    parts: tuple[str, ...]  # several: the first part that knows the name (SDXL bare CLIP names)
-    names: str  # "dotted", "joined", "diff_dotted", "diff_joined"
-    layout: str
+    """One reading rule: keys starting with `prefix` name layers of `family`'s `parts` in the `names` spelling.
+
+    (A plain class, not a dataclass: making a frozen dataclass costs more than all the rules, and `hadakron inspect`
+    imports this module on every run.)"""
+
+    __slots__ = ("prefix", "family", "parts", "names", "layout")
+
+    def __init__(self, prefix: str, family: str, parts: tuple[str, ...], names: str, layout: str) -> None:
+        self.prefix = prefix
+        self.family = family
+        self.parts = parts  # several: the first part that knows the name (SDXL bare CLIP names)
+        self.names = names  # "dotted", "joined", "diff_dotted", "diff_joined"
+        self.layout = layout
 
 
 def _rules() -> list[_Rule]:
@@ -202,32 +162,64 @@ def _diffusers_dotted(name: str) -> str | None:
     return _DIFF_READ.get(name)
 
 
-def _resolve(fam: Family, rule: _Rule, rest: str) -> tuple[str, str] | None:
-    """`(part, dotted)` for the name after the rule's prefix, from known names only."""
-    for part in rule.parts:
-        if rule.names == "dotted":
-            dotted = rest if fam.knows(part, rest) else None
-        elif rule.names == "joined":
-            dotted = fam.from_joined(part, rest)
-        elif rule.names == "diff_dotted":
-            dotted = _diffusers_dotted(rest)
-        else:
-            dotted = _DIFF_JOINED.get(rest)
-        if dotted is not None and fam.knows(part, dotted):
-            return part, dotted
-    return None
-
-
 def parse_module_key(module_key: str, family: str | Family | None = None) -> tuple[str, str, str, str] | None:
     """`(family, part, dotted, layout)` of a module key, or None when no family knows the name."""
-    rules = _RULES if family is None else _RULES_OF.get(get_family(family).name, ())
-    for rule in rules:
-        if not module_key.startswith(rule.prefix):
-            continue
-        hit = _resolve(FAMILIES[rule.family], rule, module_key[len(rule.prefix):])
-        if hit is not None:
-            return rule.family, hit[0], hit[1], rule.layout
-    return None
+    return _matcher(None if family is None else get_family(family).name)(module_key)
+
+
+_MATCHERS: dict[str | None, Callable[[str], tuple[str, str, str, str] | None]] = {}
+_DOTTED, _JOINED, _DIFF_DOTTED, _DIFF_JOINED_NAMES = range(4)
+
+
+def _matcher(family: str | None) -> Callable[[str], tuple[str, str, str, str] | None]:
+    """`parse_module_key` for one family (None: every family) as one function over precomputed rule tables (the
+    same rules in the same order, each rule's name table bound once; names not in a table go to the family): detection resolves thousands of module keys."""
+    match = _MATCHERS.get(family)
+    if match is not None:
+        return match
+    kinds = {"dotted": _DOTTED, "joined": _JOINED, "diff_dotted": _DIFF_DOTTED, "diff_joined": _DIFF_JOINED_NAMES}
+    table = []
+    for rule in _RULES if family is None else _RULES_OF.get(family, ()):
+        fam = FAMILIES[rule.family]
+        kind = kinds[rule.names]
+        parts = tuple((part, fam.joined_lookup(part) if kind == _JOINED else fam.layers[part], fam)
+                      for part in rule.parts)
+        table.append((rule.prefix, len(rule.prefix), kind, rule.family, rule.layout, parts))
+    rules = tuple(table)
+    longest = max((n for _, n, *_ in rules), default=0)
+    starting: dict[str, tuple] = {}  # a key's first `longest` characters -> the rules whose prefix it starts with
+
+    def match(module_key: str) -> tuple[str, str, str, str] | None:
+        head = module_key[:longest]
+        candidates = starting.get(head)
+        if candidates is None:
+            if len(starting) > 4096:
+                starting.clear()
+            candidates = starting[head] = tuple(rule for rule in rules if head.startswith(rule[0]))
+        for prefix, n, kind, fam_name, layout, parts in candidates:
+            rest = module_key[n:]
+            for part, names, fam in parts:  # names: the part's layers, or (joined) its `joined_lookup`
+                # a name in the table is known; any other goes to the family (stacked blocks at any index)
+                if kind == _DOTTED:
+                    if rest in names or fam.knows(part, rest):
+                        return fam_name, part, rest, layout
+                    continue
+                if kind == _JOINED:
+                    dotted = names.get(rest)
+                    if dotted is None:
+                        dotted = fam.from_joined(part, rest)
+                        if dotted is not None and not fam.knows(part, dotted):
+                            dotted = None
+                else:
+                    dotted = _diffusers_dotted(rest) if kind == _DIFF_DOTTED else _DIFF_JOINED.get(rest)
+                    if dotted is not None and dotted not in names and not fam.knows(part, dotted):
+                        dotted = None
+                if dotted is not None:
+                    return fam_name, part, dotted, layout
+        return None
+
+    _MATCHERS[family] = match
+    return match
 
 
 @dataclass(frozen=True)
@@ -263,7 +255,8 @@ def parse_module_keys(module_keys: Iterable[str], family: str | Family | None = 
     """`parse_module_key` for every module of one file, with the file-level rule: bare PEFT CLIP names of an SDXL
     file (no text_encoder prefix says which CLIP) are all CLIP-G when any of them has a layer index only CLIP-G
     has (12..31)."""
-    hits = {mk: parse_module_key(mk, family) for mk in module_keys}
+    match = _matcher(None if family is None else get_family(family).name)
+    hits = {mk: match(mk) for mk in module_keys}
     bare = [mk for mk, h in hits.items() if h is not None and h[0] == "sdxl" and h[3] == "peft"
             and mk.startswith(_BARE_PEFT_CLIP)]
     if any(hits[mk][1] == "te2" for mk in bare):

@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import operator
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
-from hadakron.arch import ANIMA, anima_family, detect_family, get_family
-from hadakron.arch.anima import MODEL_CHANNELS
-from hadakron.commands.common import human_size
 from hadakron.io import module_specs
-from hadakron.io.module_specs import Specs, TensorSpec, algorithm_guess, group_modules
+from hadakron.io.module_specs import Specs, TensorSpec, algorithm_guess
 from hadakron.io.safetensors_header import TORCH_NAMES
 from hadakron.ops import shape_rules
 
@@ -91,22 +89,11 @@ def inspect_file(path: str | Path) -> dict:
         return describe(read_adapter(path))
     scan = header_values.start_nonfinite_counts(path, header)  # numpy scans the data while the checks below run
     try:
-        entries = sorted(header.entries, key=lambda e: e.name)
-        alpha_entries = [e for e in entries if module_specs.split_key(e.name)[1] == "alpha"]
-        values = header_values.read_scalars(path, header, alpha_entries)
-        shared: dict[tuple, TensorSpec] = {}  # specs are frozen: tensors alike share one (a file has few kinds)
-        tensors = {}
-        for e in entries:
-            kind = (e.dtype, e.shape, values.get(e.name))
-            spec = shared.get(kind)
-            if spec is None:
-                spec = shared[kind] = TensorSpec(*kind)
-            tensors[e.name] = spec
-        modules = group_modules(tensors)
+        tensors, modules = _file_specs(path, header)
         problems: list[str] = []
         clean: set[tuple] = set()  # modules whose specs were found clean: the checks depend on the specs alone
         for module, specs in modules.items():
-            kind = tuple(specs.items())
+            kind = (*specs, *map(id, specs.values()))  # specs are shared (`_file_specs`): the same objects, the same kind
             if kind in clean:
                 continue
             found = module_specs.module_problems(module, specs)
@@ -126,13 +113,51 @@ def inspect_file(path: str | Path) -> dict:
         raise
     counts = scan()
     nonfinite: dict[str, dict[str, tuple[int, int]]] = {}
-    for key in tensors:
-        if key in counts:
-            module, param = module_specs.split_key(key)
-            nonfinite.setdefault(module, {})[param] = counts[key]
+    for key in [k for k in tensors if k in counts] if counts else ():
+        module, param = module_specs.split_key(key)
+        nonfinite.setdefault(module, {})[param] = counts[key]
     # the file's problems first (NaN/Inf, module checks, alpha warning), then describe_specs' own, as describe lists them
     report["problems"] = module_specs.nonfinite_problems(modules, nonfinite) + problems + report["problems"]
     return report
+
+
+def _file_specs(path: Path, header) -> tuple[dict[str, TensorSpec], dict[str, dict[str, TensorSpec]]]:
+    """({key: spec}, {module: {param: spec}}) of a file's entries in key order (what `group_modules` makes of the
+    specs), each key split once; tensors alike (dtype, shape, alpha value) share one frozen spec."""
+    from hadakron.io import header_values
+
+    split = module_specs.split_key
+    shared: dict[tuple, TensorSpec] = {}
+    tensors: dict[str, TensorSpec] = {}
+    modules: dict[str, dict[str, TensorSpec]] = {}
+    alphas = []
+    for e in sorted(header.entries, key=_NAME):
+        module, param = split(e.name)
+        kind = (e.dtype, e.shape)
+        spec = shared.get(kind)
+        if spec is None:
+            spec = shared[kind] = TensorSpec(e.dtype, e.shape, None)
+        tensors[e.name] = spec
+        params = modules.get(module)
+        if params is None:
+            modules[module] = {param: spec}
+        else:
+            params[param] = spec
+        if param == "alpha":
+            alphas.append((e, module))
+    values = header_values.read_scalars(path, header, [e for e, _ in alphas])
+    for e, module in alphas:
+        if e.name in values:
+            kind = (e.dtype, e.shape, values[e.name])
+            spec = shared.get(kind)
+            if spec is None:
+                spec = shared[kind] = TensorSpec(*kind)
+            tensors[e.name] = modules[module]["alpha"] = spec
+    return tensors, modules
+
+
+_NAME = operator.attrgetter("name")
+_SHAPE = operator.attrgetter("shape")
 
 
 def describe(adapter) -> dict:
@@ -149,6 +174,8 @@ def describe(adapter) -> dict:
 
 def detect_layout(keys: list[str], module_keys: list[str]) -> dict:
     """{family, layout, parts: {part: count}, unmatched: [module_key], reasons: [str]} from `hadakron.arch`."""
+    from hadakron.arch.detect import detect_family  # the family tables: built while the value scan runs
+
     result = detect_family(keys)
     parts: Counter[str] = Counter(part for part, _ in result.modules.values())
     unmatched = [mk for mk in module_keys if mk not in result.modules]
@@ -161,6 +188,9 @@ def layer_shape_problems(modules: Mapping[str, Specs], family: str | None,
     """Modules whose delta-W does not fit the family's layer (an adapter for another model, or a bad file)."""
     if family is None:
         return []
+    from hadakron.arch.anima import MODEL_CHANNELS, anima_family
+    from hadakron.arch.layouts import get_family
+
     fam = get_family(family)
     width = anima_file_width(modules, matched) if fam.name == "anima" else None
     if width is not None and width != MODEL_CHANNELS:  # a file for a narrower or wider DiT: checked at its width
@@ -176,7 +206,7 @@ def layer_shape_problems(modules: Mapping[str, Specs], family: str | None,
             layer = known.shape if known is not None else None
         if specs is None or layer is None:
             continue
-        kind = tuple((p, s.shape) for p, s in specs.items())
+        kind = (*specs, *map(_SHAPE, specs.values()))  # names, then shapes
         if kind in flats:
             flat = flats[kind]
         else:
@@ -203,6 +233,8 @@ _WIDTH_LAYERS = frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_
 def anima_file_width(modules: Mapping[str, Specs], matched: Mapping[str, tuple[str, str]]) -> int | None:
     """The DiT width an Anima file was made for: the most common delta-W out dim of its block layers whose out dim is
     the width (no model is at hand to say it); None when the file has none of them."""
+    from hadakron.arch.anima import ANIMA
+
     outs: Counter[int] = Counter()
     for mk, (part, dotted) in matched.items():
         hit = ANIMA.stack_index(part, dotted) if part == "unet" else None
@@ -264,7 +296,7 @@ def describe_specs(path: Path | None, size_bytes: int, tensors: Mapping[str, Ten
     tucker = dora = 0
     facts: dict[tuple, tuple] = {}  # per kind of module (names and shapes alike: the same facts)
     for specs in modules.values():
-        kind = tuple((p, s.shape) for p, s in specs.items())
+        kind = (*specs, *map(_SHAPE, specs.values()))  # names, then shapes
         fact = facts.get(kind)
         if fact is None:
             fact = facts[kind] = _module_facts(specs)
@@ -275,7 +307,13 @@ def describe_specs(path: Path | None, size_bytes: int, tensors: Mapping[str, Ten
             factors[w1] += 1
         tucker += is_tucker
         dora += has_dora
-    dtypes = Counter(TORCH_NAMES.get(t.dtype, t.dtype) for t in tensors.values())
+    dtypes: Counter[str] = Counter()
+    params = 0
+    specs_by_id = dict(zip(map(id, tensors.values()), tensors.values()))
+    for spec_id, n in Counter(map(id, tensors.values())).items():  # per spec object (tensors alike share one)
+        spec = specs_by_id[spec_id]
+        dtypes[TORCH_NAMES.get(spec.dtype, spec.dtype)] += n
+        params += spec.numel * n
     problems = list(file_problems)
     problems += layer_shape_problems(modules, detection["family"], detection["matched"])
     if detection["unmatched"]:
@@ -299,7 +337,7 @@ def describe_specs(path: Path | None, size_bytes: int, tensors: Mapping[str, Ten
         "factors": _sorted_hist(factors),
         "tucker": tucker,
         "dora": dora,
-        "params": sum(t.numel for t in tensors.values()),
+        "params": params,
         "tensors": len(tensors),
         "dtypes": dict(dtypes.most_common()),
         "metadata": dict(metadata),
@@ -325,6 +363,8 @@ METADATA_SHOWN = (
 
 def format_report(r: Mapping, *, all_metadata: bool = False) -> str:
     """A compact two-column table of the report; only the common metadata keys unless `all_metadata`."""
+    from hadakron.commands.common import human_size  # (it imports the family tables: only for the table)
+
     rows = [
         ("file", f"{r['file']} ({human_size(r['size_bytes'])})"),
         ("family", f"{r['family'] or 'unknown'}   layout {r['layout'] or 'unknown'}"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from hadakron.arch.layouts import split_key as arch_split_key
+from hadakron.arch.keys import split_key as arch_split_key
 from hadakron.io.errors import AdapterFileError
 from hadakron.io.safetensors_header import FLOAT_DTYPES, INTEGER_DTYPES
 from hadakron.ops import shape_rules

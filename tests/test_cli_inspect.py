@@ -139,6 +139,19 @@ def test_bad_file_exits_1_with_one_line(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_over_long_file_name_is_one_line(tmp_path, capsys):
+    long_name = tmp_path / ("a" * 300 + ".safetensors")  # more than any file name can be (no OSError: [Errno 36])
+    deep = tmp_path.joinpath(*["b" * 200] * 30, "x.safetensors")  # each name fits, the whole path does not
+    for path, what in ((long_name, "312 bytes long, more than a file name can be"), (deep, "the path is")):
+        assert main(["inspect", str(path), "--json"]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("hadakron inspect: error: "), lines
+        assert what in lines[0] and "Errno" not in lines[0] and "OSError" not in lines[0]
+        assert len(lines[0]) < 300  # the path is shown cut short
+
+
 def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
     assert main(["inspect"]) == 2

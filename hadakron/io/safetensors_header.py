@@ -6,8 +6,10 @@ Every malformed byte gets an `AdapterFileError` naming the file, the key, expect
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -58,7 +60,11 @@ class Header:
 def read_header(path: str | Path) -> Header:
     """Read and validate the header of `path`; raise `AdapterFileError` on anything safetensors would choke on."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # `exists` lets e.g. ENAMETOOLONG through: one line for the user, not an OSError
+        raise _path_error(path, exc) from None
+    if not exists:
         raise AdapterFileError(path, "no such file")
     if not path.is_file():
         raise AdapterFileError(path, "not a regular file", expected="a .safetensors file", found="a directory or device")
@@ -112,6 +118,22 @@ def read_header(path: str | Path) -> Header:
         raise AdapterFileError(path, "tensor data does not fill the file exactly", expected=f"{position} data bytes",
                                found=f"{data_size} data bytes")
     return Header(data_start=data_start, entries=tuple(entries), metadata=dict(metadata), file_size=size)
+
+
+def _path_error(path: Path, exc: OSError) -> AdapterFileError:
+    """The `AdapterFileError` for a path the system refuses to look up: a too-long name (or path) says which part and
+    how long; anything else says the system's reason. A long path is shown cut to 100 characters."""
+    text = str(path)
+    shown = text if len(text) <= 100 else text[:100] + "..."
+    if exc.errno == errno.ENAMETOOLONG:
+        part = max(path.parts, key=lambda p: len(os.fsencode(p)))
+        n = len(os.fsencode(part))
+        if n > 255:
+            return AdapterFileError(shown, f"the name {part[:24]!r}... is {n} bytes long, more than a file name can "
+                                           f"be; check the path")
+        return AdapterFileError(shown, f"the path is {len(os.fsencode(text))} bytes long, more than the system "
+                                       f"allows; check the path")
+    return AdapterFileError(shown, f"cannot look the file up: {exc.strerror or exc}")
 
 
 _new = object.__new__

@@ -294,19 +294,22 @@ def describe_specs(path: Path | None, size_bytes: int, tensors: Mapping[str, Ten
     ranks: Counter = Counter()
     factors: Counter[str] = Counter()
     tucker = dora = 0
-    facts: dict[tuple, tuple] = {}  # per kind of module (names and shapes alike: the same facts)
+    kinds: dict[tuple, list] = {}  # kind of module (names and shapes alike: the same facts) -> [specs, modules]
     for specs in modules.values():
         kind = (*specs, *map(_SHAPE, specs.values()))  # names, then shapes
-        fact = facts.get(kind)
-        if fact is None:
-            fact = facts[kind] = _module_facts(specs)
-        algo, rank, w1, is_tucker, has_dora = fact
-        algorithms[algo or "unknown"] += 1
-        ranks[rank if rank is not None else ("full" if algo == "lokr" else "none")] += 1
+        seen = kinds.get(kind)
+        if seen is None:
+            kinds[kind] = [specs, 1]
+        else:
+            seen[1] += 1
+    for specs, n in kinds.values():  # kinds in first-module order: the counters fill in the same order
+        algo, rank, w1, is_tucker, has_dora = _module_facts(specs)
+        algorithms[algo or "unknown"] += n
+        ranks[rank if rank is not None else ("full" if algo == "lokr" else "none")] += n
         if w1:
-            factors[w1] += 1
-        tucker += is_tucker
-        dora += has_dora
+            factors[w1] += n
+        tucker += is_tucker * n
+        dora += has_dora * n
     dtypes: Counter[str] = Counter()
     params = 0
     specs_by_id = dict(zip(map(id, tensors.values()), tensors.values()))

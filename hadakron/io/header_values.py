@@ -21,6 +21,7 @@ _BIT_TESTS = {"F64": (8, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000), "F32": (4, 0x7
               "BF16": (2, 0x7FFF, 0x7F80), "F16": (2, 0x7FFF, 0x7C00), "F8_E5M2": (1, 0x7F, 0x7C),
               "F8_E4M3": (1, 0x7F, 0x7F)}  # E4M3FN has no Inf: 0x7F (either sign) is its only NaN
 _CHUNK = 1 << 22  # elements per numpy pass
+_SPAN_BYTES = 1 << 20  # `read_scalars` reads the scalars' whole byte range at once when it is no longer than this
 
 
 def decode_scalar(dtype: str, raw: bytes) -> float | None:
@@ -46,10 +47,19 @@ def decode_scalar(dtype: str, raw: bytes) -> float | None:
 def read_scalars(path: str | Path, header: Header, entries: Iterable[TensorEntry]) -> dict[str, float | None]:
     """{name: value} of one-element tensors (each read alone: a few bytes per tensor)."""
     out: dict[str, float | None] = {}
+    todo = [e for e in entries if e.end - e.begin != 0 and math.prod(e.shape) == 1]
+    if not todo:
+        return out
+    first, last = min(e.begin for e in todo), max(e.end for e in todo)
     with open(path, "rb") as f:
-        for e in entries:
-            if e.end - e.begin == 0 or math.prod(e.shape) != 1:
-                continue
+        if last - first <= max(_SPAN_BYTES, 16 * len(todo)):  # alphas lie together (one dtype): one read, not one each
+            f.seek(header.data_start + first)
+            span = f.read(last - first)
+            if len(span) == last - first:
+                for e in todo:
+                    out[e.name] = decode_scalar(e.dtype, span[e.begin - first:e.end - first])
+                return out
+        for e in todo:
             f.seek(header.data_start + e.begin)
             out[e.name] = decode_scalar(e.dtype, f.read(e.end - e.begin))
     return out

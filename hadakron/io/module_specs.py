@@ -253,7 +253,8 @@ def both_full_alpha_warning(modules: Mapping[str, Specs], metadata: Mapping[str,
     hits = []
     for module, specs in modules.items():
         alpha = specs.get("alpha")
-        if (alpha is None or alpha.numel != 1 or alpha.value is None or math.isnan(alpha.value)
+        if ("lokr_w1" not in specs or "lokr_w2" not in specs  # cheap first: both full needs both (most modules not)
+                or alpha is None or alpha.numel != 1 or alpha.value is None or math.isnan(alpha.value)
                 or algorithm_guess(specs) != "lokr" or not shape_rules.both_full_lokr(specs)):
             continue
         if all(alpha.value != d for d in dims):

@@ -1,13 +1,15 @@
 """Benchmark: `hadakron inspect --json` calls per second, old path vs new, with the bare-python floor, same run.
 
-    python bench/bench_inspect.py [--runs 7] [--old-rev 9ddbb0e] [--keep DIR]
+    python bench/bench_inspect.py [--runs 7] [--old-rev 9ddbb0e] [--prev-rev REV] [--keep DIR]
 
 Files (made once, torch, not timed): a full-size SDXL LoHa (rank 16, every default UNet + both CLIP targets,
 bf16) and a full-size Anima LoKr (factor 8, w2 rank 16, DiT + Qwen3 targets, bf16), kohya names.
-Timed, each a fresh process, the median of `--runs`:
+Timed, each a fresh process, the median (and the minimum) of `--runs`, the commands taking turns:
 - floor: `python -c "import numpy, safetensors"` (what any header+numpy reader pays to start);
 - old CLI: `python -m hadakron inspect FILE --json` from `--old-rev` (the commit before the torch-free inspect,
   extracted with `git archive`, nothing in the repository changes), which imports torch and loads every tensor;
+- prev CLI (only with `--prev-rev`): the same command from another commit (e.g. the torch-free inspect before a
+  speed-up), extracted the same way, so a before/after is timed in one run;
 - new CLI: the same command from this tree (no torch: header by hand, alpha bytes, numpy memmap NaN/Inf scan in a
   background thread while the module checks and family detection run).
 Every timed process runs with byte-code caches (a PYTHONPYCACHEPREFIX in the temporary folder, written by the warm-up
@@ -76,21 +78,24 @@ def old_tree(rev: str, folder: Path) -> Path:
     return folder
 
 
-def timed(cmd: list[str], env: dict, runs: int) -> float:
-    """Median wall seconds of `cmd` over `runs` fresh processes (one warm-up first)."""
-    times = []
+def timed(cases: list[tuple[list[str], dict]], runs: int) -> list[tuple[float, float]]:
+    """(median, min) wall seconds of each `(cmd, env)` over `runs` fresh processes, the commands taking turns (one
+    warm-up round first), so load that comes and goes on a shared machine falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in cases]
     for i in range(runs + 1):
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=env["BENCH_CWD"])
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for (cmd, env), out in zip(cases, times):
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=env["BENCH_CWD"])
+            if i:
+                out.append(time.perf_counter() - start)
+    return [(statistics.median(t), min(t)) for t in times]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--old-rev", default="9ddbb0e", help="commit with the torch inspect (default: before the change)")
+    ap.add_argument("--prev-rev", help="also time the CLI of this commit (a before/after in the same run)")
     ap.add_argument("--keep", type=Path, help="folder for the test files (kept between runs)")
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory()
@@ -106,14 +111,21 @@ def main() -> None:
     base_env["BENCH_CWD"] = str(folder)  # not the repository: `python -m` puts the working folder first on sys.path
     new_env = dict(base_env, PYTHONPATH=str(REPO))
     old_env = dict(base_env, PYTHONPATH=str(old))
+    prev_env = None
+    if args.prev_rev:
+        prev_env = dict(base_env, PYTHONPATH=str(old_tree(args.prev_rev, Path(tmp.name) / "prev")))
 
-    floor = timed([sys.executable, "-c", "import numpy, safetensors"], base_env, args.runs)
-    rows = [("floor: python -c 'import numpy, safetensors'", "-", floor)]
+    cases = [("floor: python -c 'import numpy, safetensors'", [sys.executable, "-c", "import numpy, safetensors"],
+              base_env)]
     for label, path in files.items():
         size = path.stat().st_size / 2**20
-        cmd = ["-m", "hadakron", "inspect", str(path), "--json"]
-        rows.append((f"old CLI ({args.old_rev}) {label} {size:.0f} MiB", label, timed([sys.executable, *cmd], old_env, args.runs)))
-        rows.append((f"new CLI {label} {size:.0f} MiB", label, timed([sys.executable, *cmd], new_env, args.runs)))
+        cmd = [sys.executable, "-m", "hadakron", "inspect", str(path), "--json"]
+        cases.append((f"old CLI ({args.old_rev}) {label} {size:.0f} MiB", cmd, old_env))
+        if prev_env is not None:
+            cases.append((f"prev CLI ({args.prev_rev}) {label} {size:.0f} MiB", cmd, prev_env))
+        cases.append((f"new CLI {label} {size:.0f} MiB", cmd, new_env))
+    rows = [(name, *t) for (name, _, _), t in zip(cases, timed([(c, e) for _, c, e in cases], args.runs))]
+    floor, floor_min = rows[0][1], rows[0][2]
 
     sys.path.insert(0, str(REPO))
     from hadakron.commands.inspect import describe, inspect_file
@@ -132,9 +144,10 @@ def main() -> None:
             in_process.append((f"in-process {name} {label}", statistics.median(times)))
         assert describe(read_adapter(path)) == inspect_file(path), f"{label}: reports differ"
 
-    print(f"{'case':<58} {'seconds':>8} {'calls/s':>8} {'x floor':>8}")
-    for name, _, sec in rows:
-        print(f"{name:<58} {sec:8.3f} {1 / sec:8.2f} {sec / floor:8.2f}")
+    print(f"{'case (median of ' + str(args.runs) + ', min)':<58} {'seconds':>8} {'calls/s':>8} {'x floor':>8} "
+          f"{'min s':>8} {'x floor':>8}")
+    for name, sec, low in rows:
+        print(f"{name:<58} {sec:8.3f} {1 / sec:8.2f} {sec / floor:8.2f} {low:8.3f} {low / floor_min:8.2f}")
     for name, sec in in_process:
         print(f"{name:<58} {sec:8.3f} {1 / sec:8.2f} {'':>8}")
     tmp.cleanup()

@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--prev-rev", help="also time the CLI of this commit (a before/after in the same run)")
     ap.add_argument("--keep", type=Path, help="folder for the test files (kept between runs)")
     args = ap.parse_args()
+    sys.path.insert(0, str(REPO))  # this tree's hadakron in this process too (not an installed copy)
     tmp = tempfile.TemporaryDirectory()
     folder = args.keep or Path(tmp.name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,11 @@ def main() -> None:
     rows = [(name, *t) for (name, _, _), t in zip(cases, timed([(c, e) for _, c, e in cases], args.runs))]
     floor, floor_min = rows[0][1], rows[0][2]
 
-    sys.path.insert(0, str(REPO))
+    print(f"{'case (median of ' + str(args.runs) + ', min)':<58} {'seconds':>8} {'calls/s':>8} {'x floor':>8} "
+          f"{'min s':>8} {'x floor':>8}")
+    for name, sec, low in rows:
+        print(f"{name:<58} {sec:8.3f} {1 / sec:8.2f} {sec / floor:8.2f} {low:8.3f} {low / floor_min:8.2f}", flush=True)
+
     from hadakron.commands.inspect import describe, inspect_file
     from hadakron.io import read_adapter
 
@@ -144,10 +149,6 @@ def main() -> None:
             in_process.append((f"in-process {name} {label}", statistics.median(times)))
         assert describe(read_adapter(path)) == inspect_file(path), f"{label}: reports differ"
 
-    print(f"{'case (median of ' + str(args.runs) + ', min)':<58} {'seconds':>8} {'calls/s':>8} {'x floor':>8} "
-          f"{'min s':>8} {'x floor':>8}")
-    for name, sec, low in rows:
-        print(f"{name:<58} {sec:8.3f} {1 / sec:8.2f} {sec / floor:8.2f} {low:8.3f} {low / floor_min:8.2f}")
     for name, sec in in_process:
         print(f"{name:<58} {sec:8.3f} {1 / sec:8.2f} {'':>8}")
     tmp.cleanup()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hadakron.ops.autocast import autocast_dtype
+
 Tensor = torch.Tensor
 
 FLOAT8_DTYPES = tuple(getattr(torch, name) for name in
@@ -24,10 +26,8 @@ def is_float8(dtype: torch.dtype) -> bool:
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a layer's op runs in for input x: the autocast dtype when autocast is on for x's device, else x's."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    dtype = autocast_dtype(x.device.type) if x.dtype != torch.float64 else None
+    return x.dtype if dtype is None else dtype
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor | None:

@@ -11,7 +11,9 @@ network_dim for Linear / 1x1 conv, conv_dim (with conv_alpha) for kxk conv; a di
 Attaching wraps each layer's forward: y = layer(x) + adapter(x), computed as one fused op (LoKr's
 `ops.lokr_linear`) for a plain Linear whose weight needs no cast; the base weights are never written. On a
 ComfyUI cast op the fused op first calls what that op's forward calls every op (`comfy.ops.run_every_op`, the
-interrupt check), found through the layer's class: the library never imports comfy and needs nothing passed in.
+interrupt check), found through the layer's class: the library never imports comfy and needs nothing passed in. A layer whose frozen
+weight is stored in float8 (ComfyUI's UNETLoader `weight_dtype` fp8_*) runs its op on a per-call upcast of that one
+weight (`ops.frozen_linear` / `frozen_conv2d`, cast again in backward): the model stays float8 in memory.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from hadakron import ops
 from hadakron.adapters import AdapterModule, LoHa, LoKr
 from hadakron.arch import (Family, compile_patterns, family_for_model, file_key, get_family, match_part_names, module_key,
                            parse_keys)
@@ -294,6 +297,29 @@ def _fusable_call(layer: nn.Module, x: Tensor) -> bool:
     return True
 
 
+def _upcast_kind(layer: nn.Module, fusable: bool) -> str | None:
+    """"linear" / "conv2d" when the bypass may run the layer's op itself on a per-call upcast of a float8 weight:
+    nn.Linear's / nn.Conv2d's own forward, or a ComfyUI cast-op Linear whose forward the fused path accepts."""
+    if isinstance(layer, nn.Linear) and fusable:
+        return "linear"
+    if isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward:
+        return "conv2d"
+    return None
+
+
+def _float8_call(layer: nn.Module, x: Tensor) -> bool:
+    """True when the layer's weight is a frozen float8 tensor on x's device with nothing patched or streamed per call
+    (no ComfyUI weight/bias functions, no dynamic-VRAM state), so upcasting it is all the layer's forward would do."""
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    if type(weight) not in (Tensor, nn.Parameter) or not ops.is_float8(weight.dtype) or weight.requires_grad \
+            or weight.device != x.device or not x.is_floating_point():
+        return False
+    if bias is not None and (type(bias) not in (Tensor, nn.Parameter) or bias.requires_grad or bias.device != x.device):
+        return False
+    return not (getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None)
+                or hasattr(layer, "_v"))
+
+
 class _BypassForward:
     """The wrapped forward: the layer's own forward plus the adapter's additive term, fused into one op
     (`adapter.fused_linear`, e.g. LoKr's `ops.lokr_linear`) for a plain Linear whose weight needs no cast.
@@ -307,8 +333,11 @@ class _BypassForward:
         self.layer, self.adapter, self.original = layer, adapter, original
         fusable, self.per_op_hook = _fusion_plan(layer) if original is None else (False, None)
         self.fusable = fusable
+        self.upcast = _upcast_kind(layer, fusable) if original is None else None
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.upcast and not args and not kwargs and _float8_call(self.layer, x):
+            return self._upcast_forward(x) + self.adapter(x)
         if self.fusable and not args and not kwargs:
             y = self._fused(x)
             if y is not None:
@@ -318,6 +347,18 @@ class _BypassForward:
         else:
             y = self.original(x, *args, **kwargs)
         return y + self.adapter(x)
+
+    def _upcast_forward(self, x: Tensor) -> Tensor:
+        """The layer's own output with its float8 weight upcast for this call only (`ops.frozen_linear` /
+        `frozen_conv2d`: backward casts again, so no upcast copy is kept); the weight stays float8 in memory."""
+        if self.per_op_hook is not None:
+            self.per_op_hook()
+        layer = self.layer
+        if self.upcast == "linear":
+            return ops.frozen_linear(x, layer.weight, layer.bias)
+        spec = self.adapter.spec
+        return ops.frozen_conv2d(spec.prepare_input(x), layer.weight, layer.bias, spec.stride, spec.padding,
+                                 spec.dilation, spec.groups)
 
     def _fused(self, x: Tensor) -> Tensor | None:
         """The fused forward, or None to fall back. Under autocast `ops.lokr_linear` casts x, weight, bias and

@@ -101,8 +101,10 @@ class ResumeState:
 class TrainSnapshot:
     """The run at a step, handed to `autosave` and returned in `TrainResult`; reads state lazily."""
 
-    def __init__(self, step: int, network: torch.nn.Module, optimizer, optimizer_name: str, scaler, losses: list[float]):
+    def __init__(self, step: int, network: torch.nn.Module, optimizer, optimizer_name: str, scaler, losses: list[float],
+                 train_weights: list[Tensor] | None = None):
         self.step = step
+        self.train_weights = train_weights  # schedule-free after the run: its exact train-mode weights
         self.network = network
         self.optimizer = optimizer
         self.optimizer_name = optimizer_name
@@ -115,11 +117,13 @@ class TrainSnapshot:
             return {k: v.detach().clone() for k, v in self.network.file_state_dict(**kwargs).items()}
 
     def training_state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """(tensors, metadata) of the training-state sidecar at this step (exact params + optimizer)."""
-        return training_state(
-            trainable_parameters(self.network), self.optimizer, self.step,
-            optimizer_name=self.optimizer_name, scaler=self.scaler,
-        )
+        """(tensors, metadata) of the training-state sidecar at this step (exact params + optimizer; schedule-free:
+        its train-mode weights, which the resumed run steps from)."""
+        with _schedule_free_train(self.optimizer, self.train_weights):
+            return training_state(
+                trainable_parameters(self.network), self.optimizer, self.step,
+                optimizer_name=self.optimizer_name, scaler=self.scaler,
+            )
 
 
 @dataclass
@@ -144,17 +148,56 @@ def micro_step_seed(seed: int, micro_step: int) -> int:
     return (int(seed) * 1_000_003 + (micro_step + 1) * _SEED_MIX) & _SEED_MASK
 
 
+def _optimizer_params(optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _in_train_mode(optimizer) -> bool:
+    return bool(optimizer.param_groups[0].get("train_mode", False))
+
+
+def _put_weights(optimizer, weights: list[Tensor], train_mode: bool) -> None:
+    """Copy `weights` into the optimizer's parameters and set its mode flag, without recomputing anything."""
+    with torch.no_grad():
+        for p, w in zip(_optimizer_params(optimizer), weights):
+            p.copy_(w)
+    for group in optimizer.param_groups:
+        group["train_mode"] = train_mode
+
+
+def _weights(optimizer) -> list[Tensor]:
+    return [p.detach().clone() for p in _optimizer_params(optimizer)]
+
+
 @contextlib.contextmanager
 def _schedule_free_eval(optimizer):
-    """Schedule-free optimizers hold the averaged weights only in eval mode; switch for a read, then back."""
-    if optimizer is not None and is_schedule_free(optimizer) and optimizer.param_groups[0].get("train_mode", False):
-        optimizer.eval()
-        try:
-            yield
-        finally:
-            optimizer.train()
-    else:
+    """Schedule-free optimizers hold the averaged weights (x) only in eval mode: switch for a read, then put the
+    train-mode weights (y) back exactly (`.train()` would recompute y from x and z, off by a rounding, and the run
+    would then differ from one that never read its adapter)."""
+    if optimizer is None or not is_schedule_free(optimizer) or not _in_train_mode(optimizer):
         yield
+        return
+    kept = _weights(optimizer)
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        _put_weights(optimizer, kept, True)
+
+
+@contextlib.contextmanager
+def _schedule_free_train(optimizer, train_weights: list[Tensor] | None):
+    """The inverse for a finished run (optimizer left in eval mode): its exact train-mode weights, kept when it
+    switched, are in the parameters during the read, so the saved state continues exactly as the run would have."""
+    if optimizer is None or train_weights is None or not is_schedule_free(optimizer) or _in_train_mode(optimizer):
+        yield
+        return
+    kept = _weights(optimizer)
+    _put_weights(optimizer, train_weights, True)
+    try:
+        yield
+    finally:
+        _put_weights(optimizer, kept, False)
 
 
 @contextlib.contextmanager
@@ -246,8 +289,10 @@ def train(
     if schedule_free:
         optimizer.train()
 
+    train_weights: list[Tensor] | None = None
+
     def snapshot(step: int) -> TrainSnapshot:
-        return TrainSnapshot(step, network, optimizer, optimizer_name, scaler, losses)
+        return TrainSnapshot(step, network, optimizer, optimizer_name, scaler, losses, train_weights)
 
     saved_steps: set[int] = set()
 
@@ -331,6 +376,7 @@ def train(
         raise
     finally:
         if schedule_free:
+            train_weights = _weights(optimizer)
             optimizer.eval()
         network.train(False)
     return TrainResult(step=done, losses=losses, lrs=lrs, stop_reason=stop_reason, message=message, snapshot=snapshot(done))

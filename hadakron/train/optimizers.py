@@ -1,7 +1,9 @@
-"""Optimizer construction by name: torch's AdamW/Adam/SGD, plus Prodigy and schedule-free AdamW when installed.
+"""Optimizer construction by name: torch's AdamW/Adam/SGD, plus Prodigy, schedule-free AdamW and 8-bit AdamW when
+installed.
 
-Prodigy (`prodigyopt`) and schedule-free AdamW (`schedulefree`) are optional extras, offered only when
-importable and never vendored. Schedule-free optimizers must be switched with `.train()` / `.eval()`;
+Prodigy (`prodigyopt`), schedule-free AdamW (`schedulefree`) and 8-bit AdamW (`bitsandbytes`, which steps on CPU
+tensors too) are optional extras (`pip install hadakron[optimizers]`), offered only when importable and never
+vendored. Schedule-free optimizers must be switched with `.train()` / `.eval()`;
 `is_schedule_free` tells the loop to do so and to leave the lr schedule to the optimizer.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Iterable
 import torch
 
 BUILTIN_OPTIMIZERS = ("AdamW", "Adam", "SGD")
-OPTIONAL_OPTIMIZERS = {"Prodigy": "prodigyopt", "AdamWScheduleFree": "schedulefree"}
+OPTIONAL_OPTIMIZERS = {"Prodigy": "prodigyopt", "AdamWScheduleFree": "schedulefree", "AdamW8bit": "bitsandbytes"}
 
 
 def _importable(module: str) -> bool:
@@ -75,6 +77,10 @@ def build_optimizer(
         import prodigyopt
 
         opt = prodigyopt.Prodigy(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    elif choice == "AdamW8bit":
+        import bitsandbytes
+
+        opt = bitsandbytes.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     else:
         import schedulefree
 

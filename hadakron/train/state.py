@@ -57,7 +57,9 @@ def training_state(
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Collect (tensors, metadata) for the sidecar from live parameters and optimizer at `step`."""
     name_of = {id(p): n for n, p in named_params.items()}
-    tensors: dict[str, Tensor] = {f"param/{n}": p.detach().float().cpu().contiguous() for n, p in named_params.items()}
+    # copies: a CPU float32 parameter's .float().cpu() is the parameter itself, which the next step changes
+    tensors: dict[str, Tensor] = {f"param/{n}": p.detach().to("cpu", torch.float32, copy=True).contiguous()
+                                  for n, p in named_params.items()}
     scalars: dict[str, dict[str, Any]] = {}
     for param, state in optimizer.state.items():
         name = name_of.get(id(param))

@@ -55,6 +55,7 @@ MODEL_FILES_VERSION = "v1"
 CACHE_ROOT = Path(os.environ.get("HADAKRON_TEST_MODELS", Path.home() / ".cache" / "hadakron-test-models"))
 
 SDXL_CHECKPOINT = "hadakron_test_sdxl.safetensors"
+SDXL_UNET = "hadakron_test_sdxl_unet.safetensors"  # the checkpoint's diffusion model alone, for UNETLoader
 ANIMA_UNET = "hadakron_test_anima_dit.safetensors"
 ANIMA_TE = "hadakron_test_qwen3_06b.safetensors"
 ANIMA_VAE = "hadakron_test_wan21_vae.safetensors"
@@ -314,6 +315,20 @@ def sdxl_checkpoint_path(env) -> Path:
         check_sdxl_detection(env, SafetensorsWeights(d / SDXL_CHECKPOINT))
     (path,) = _cached([SDXL_CHECKPOINT], build)
     return path
+
+
+def sdxl_unet_path(env) -> Path:
+    """The small SDXL checkpoint's diffusion model alone (its `model.diffusion_model.` tensors, unprefixed, as a file
+    in models/diffusion_models holds them), for UNETLoader and its weight_dtype; cut from the cached checkpoint."""
+    checkpoint = sdxl_checkpoint_path(env)
+
+    def build(d: Path) -> None:
+        weights = SafetensorsWeights(checkpoint)
+        prefix = "model.diffusion_model."
+        unet = weights.many([k for k in weights if k.startswith(prefix)])
+        _save_atomic({k[len(prefix):]: v.contiguous() for k, v in unet.items()}, d / SDXL_UNET,
+                     {"hadakron.test_model": MODEL_FILES_VERSION})
+    return _cached([SDXL_UNET], build)[0]
 
 
 # ---------------------------------------------------------------- Anima files

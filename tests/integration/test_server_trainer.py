@@ -539,3 +539,46 @@ def test_anima_text_encoder_training(comfy, anima_files, input_image, hadakron_l
     """CLIPLoader's Qwen3 + captions on Anima (3 steps; measured loss ratio 0.889)."""
     train_family_prompt(comfy, "anima", anima_files, input_image, train_te=True, steps=3, ratio=0.97,
                         hadakron_lib=hadakron_lib)
+
+
+# ---------------------------------------------------------------- float8 base: UNETLoader weight_dtype fp8_e4m3fn
+
+
+def test_sdxl_training_on_fp8_base(comfy, comfy_env, sdxl_files, input_image, hadakron_lib):
+    """UNETLoader with weight_dtype fp8_e4m3fn (float8 weights, ComfyUI's per-layer manual cast) feeds the LoKr
+    Trainer with gradient checkpointing: the loss is finite and falls against the paired STILL_LR run; the saved
+    adapter loads in the next prompt in core LoraLoaderModelOnly on the same fp8 model and changes its sample."""
+    import model_files as mf
+    unet_name = mf.link_into(mf.sdxl_unet_path(comfy_env), comfy.models_dir("diffusion_models"))
+    g = Graph()
+    ckpt, latent, positive = sdxl_data(g, sdxl_files, input_image)  # its CLIP and VAE; the UNet from UNETLoader
+    unet = g.node("UNETLoader", unet_name=unet_name, weight_dtype="fp8_e4m3fn")
+    trained = train_node(g, "lokr", unet[0], latent[0], positive[0], gradient_checkpointing=True)
+    still = train_node(g, "lokr", unet[0], latent[0], positive[0], gradient_checkpointing=True,
+                       learning_rate=STILL_LR)
+    save = g.node("HadakronSaveAdapter", adapter=trained[0], filename_prefix="server/sdxl_fp8_lokr")
+    log_start = len(comfy.log.read_text(errors="replace"))
+    run = comfy.run(g, timeout=1800)
+    log = comfy.log.read_text(errors="replace")[log_start:]
+    assert "model weight dtype torch.float8_e4m3fn" in log, log[-3000:]  # ComfyUI's load message: float8 weights
+    losses, baseline = loss_curve(run, trained.id)["loss"], loss_curve(run, still.id)["loss"]
+    print("fp8 losses", [round(x, 5) for x in losses], [round(x, 5) for x in baseline])
+    # seeded runs measured on this checkpoint: sum(steps 2-5) trained / still = 0.872
+    assert_trained(losses, baseline, ratio=0.93)
+
+    path = saved_adapter_path(comfy, run, save.id)
+    adapter = hadakron_lib.io.read_adapter(path)
+    assert not adapter.problems and adapter.metadata["hadakron.step"] == str(STEPS)
+    assert all(t.dtype != torch.float8_e4m3fn and torch.isfinite(t).all() for t in adapter.tensors.values())
+    name = place_in_loras(comfy, path, "server_sdxl_fp8_lokr.safetensors")
+    g2 = Graph()
+    ckpt2, latent2, positive2 = sdxl_data(g2, sdxl_files, input_image)
+    unet2 = g2.node("UNETLoader", unet_name=unet_name, weight_dtype="fp8_e4m3fn")
+    lora = g2.node("LoraLoaderModelOnly", model=unet2[0], lora_name=name, strength_model=1.0)
+    base = sample(g2, unet2[0], positive2[0], latent2[0], ckpt2[2], "fp8_base")
+    adapted = sample(g2, lora[0], positive2[0], latent2[0], ckpt2[2], "fp8_lokr")
+    log_start = len(comfy.log.read_text(errors="replace"))
+    run2 = comfy.run(g2, timeout=1800)
+    assert "lora key not loaded" not in comfy.log.read_text(errors="replace")[log_start:]
+    base_latent, adapted_latent = (saved_latent(comfy, run2, s["latent"]) for s in (base, adapted))
+    assert torch.isfinite(adapted_latent).all() and relative_change(adapted_latent, base_latent) > 1e-4

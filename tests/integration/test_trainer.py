@@ -406,3 +406,80 @@ def test_option_nodes_carry_their_settings(trainer_mod, pack, small_sdxl, output
     with pytest.raises(ValueError, match="network_options.*unknown settings.*'steps'"):
         _call(trainer_mod.HadakronTrainLoKr, small_sdxl, latents, positive, **own,
               network_options=dict(dicts["network_options"], steps=5))
+
+
+# ---------------------------------------------------------------- float8 base (UNETLoader weight_dtype fp8_*)
+
+def _small_sdxl_fp8(env, weight_dtype):
+    """The small SDXL as UNETLoader loads it with weight_dtype fp8_*: float8 weights, ComfyUI's manual-cast ops
+    (compute dtype float32 on CPU), built under inference mode; and its float32 twin holding the same float8 values."""
+    from conftest import SMALL_SDXL_UNET, _patcher, randomize_
+    models = {}
+    for dtype, cast in ((torch.float32, None), (weight_dtype, torch.float32)):
+        mc = env.comfy.supported_models.SDXL(dict(SMALL_SDXL_UNET, dtype=dtype))
+        mc.set_inference_dtype(dtype, cast)
+        with torch.inference_mode():
+            models[dtype] = mc.get_model({})
+    fp32, fp8 = models[torch.float32], models[weight_dtype]
+    with torch.inference_mode():
+        randomize_(fp32, 0)
+        low = dict(fp8.named_parameters())
+        for name, p in fp32.named_parameters():
+            low[name].copy_(p)  # rounds to float8 where the fp8 model stores float8
+            p.copy_(low[name].float())
+    return _patcher(env, fp8), _patcher(env, fp32)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_trainer_on_float8_base(weight_dtype, comfy_env, trainer_mod, output_dir, monkeypatch):
+    """Trains on float8 weights without upcasting the model (weights stay float8, bit for bit; the adapted Linears
+    run on a per-call upcast through hadakron.ops.frozen_linear), and the run equals the run on a float32 model
+    holding the same float8 values."""
+    import hadakron.ops
+    calls = []
+    frozen_linear = hadakron.ops.frozen_linear
+    monkeypatch.setattr(hadakron.ops, "frozen_linear", lambda *a, **k: (calls.append(1), frozen_linear(*a, **k))[1])
+    fp8, fp32 = _small_sdxl_fp8(comfy_env, weight_dtype)
+    dm = fp8.model.diffusion_model
+    assert dm.input_blocks[4][1].proj_in.weight.dtype == weight_dtype
+    before = {k: v.clone() for k, v in dm.state_dict().items()}
+    latents, positive = sdxl_inputs()
+    # SGD: an update linear in the gradient, so the two runs' last-bit differences stay last-bit (Adam's first steps
+    # are sign(grad)-sized and amplify them where a gradient is near zero)
+    kw = dict(steps=4, learning_rate=1.0, optimizer="SGD", factor=4, decompose_both=False, conv_dim=4, conv_alpha=4.0)
+    out = run_node(trainer_mod.HadakronLoKrTrainer, fp8, latents, positive, **kw)["result"]
+    assert calls, "no adapted Linear ran through ops.frozen_linear"
+    n = len(calls)
+    ref = run_node(trainer_mod.HadakronLoKrTrainer, fp32, latents, positive, **kw)["result"]
+    assert len(calls) == n  # float32 weights: the layers' own forward
+    losses = out[2]["loss"]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses == pytest.approx(ref[2]["loss"], rel=1e-4)
+    for k, t in out[0].tensors.items():
+        r = ref[0].tensors[k]
+        assert float((t - r).norm()) <= 1e-4 * float(r.norm()) + 1e-9, k
+    after = dm.state_dict()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k].view(torch.uint8) if after[k].dtype ==
+               weight_dtype else after[k], before[k].view(torch.uint8) if before[k].dtype == weight_dtype
+               else before[k]) for k in before)
+    assert not any("forward" in m.__dict__ for m in dm.modules())
+
+
+def test_text_encoder_not_trained_runs_no_encode_per_step(trainer_mod, small_sdxl, small_sdxl_clip, output_dir,
+                                                           monkeypatch):
+    """CLIP connected but no captions: the TE is not trained, so the conditioning given (CLIPTextEncode's output,
+    encoded once upstream and cached by the executor) serves every step; the CLIP never encodes during the run."""
+    calls = []
+    for name in ("encode_from_tokens", "tokenize"):
+        original = getattr(type(small_sdxl_clip), name)
+        monkeypatch.setattr(type(small_sdxl_clip), name,
+                            lambda self, *a, _f=original, _n=name, **k: (calls.append(_n), _f(self, *a, **k))[1])
+    latents, positive = sdxl_inputs()
+    args = {k: [v] for k, v in node_kwargs(steps=3, factor=4, decompose_both=False).items()}
+    with torch.inference_mode():
+        out = trainer_mod.HadakronLoKrTrainer().train(model=[small_sdxl], latents=[latents], positive=[positive],
+                                                      unique_id=["7"], clip=[small_sdxl_clip], captions=[""],
+                                                      **args)
+    adapter, _, loss_map, clip_out = out["result"]
+    assert len(loss_map["loss"]) == 3 and calls == []
+    assert clip_out is small_sdxl_clip and not any(k.startswith("lora_te") for k in adapter.tensors)

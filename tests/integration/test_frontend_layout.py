@@ -117,9 +117,11 @@ def _shown_height(page, node_type: str) -> dict:
 def test_trainer_fits_on_a_1080p_screen(screen, renderer):
     _set_renderer(screen, RENDERERS[renderer])
     shots = os.environ.get("HADAKRON_SCREENSHOT_DIR")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
     shown = {}
     for node_type in ("HadakronTrainLoKr", "HadakronLoKrTrainer", "HadakronTrainLoHa", "HadakronNetworkOptions",
-                      "HadakronOptimizerOptions", "HadakronPrecisionOptions"):
+                      "HadakronOptimizerOptions", "HadakronPrecisionOptions", "HadakronObjectiveOptions"):
         shown[node_type] = _shown_height(screen, node_type)
         if shots:
             screen.screenshot(Path(shots) / f"{renderer}_{node_type}.png")
@@ -131,6 +133,8 @@ def test_trainer_fits_on_a_1080p_screen(screen, renderer):
     assert compact["height"] < 0.6 * legacy["height"], (compact, legacy)
     for options in ("HadakronNetworkOptions", "HadakronOptimizerOptions", "HadakronPrecisionOptions"):
         assert shown[options]["height"] < compact["height"], shown[options]
+    objective = shown["HadakronObjectiveOptions"]  # 20 sd-scripts options: taller than the trainer, still on screen
+    assert objective["height"] + 60 <= objective["canvasHeight"], objective
 
 
 # ---------------------------------------------------------------- a workflow saved with the single-node trainer

@@ -25,6 +25,12 @@ SIDECAR_SUFFIX = ".trainstate"
 FORMAT_VERSION = "1"
 
 
+# Param-group settings the run's own configuration sets (lr per group, optimizer arguments): a resumed run keeps the
+# values it was built with, so a changed learning rate or weight decay takes effect; every other group entry (an
+# optimizer's own state kept in its groups: Prodigy's d, schedule-free's k and weight_sum) is restored.
+CONFIGURED_GROUP_KEYS = ("lr", "initial_lr", "weight_decay", "betas", "eps", "momentum", "warmup_steps")
+
+
 class TrainingStateError(ValueError):
     """A training-state sidecar that does not match the network or optimizer it is loaded into."""
 
@@ -100,6 +106,8 @@ def apply_training_state(
 ) -> int:
     """Copy saved parameters into `named_params` and state into `optimizer` (when given); return the saved step.
 
+    The optimizer keeps its own lrs and arguments (CONFIGURED_GROUP_KEYS): they come from the resumed run's settings.
+
     Raises TrainingStateError naming the key when a parameter is missing or has another shape.
     """
     for name, param in named_params.items():
@@ -137,7 +145,7 @@ def _apply_optimizer_state(tensors, metadata, named_params, optimizer, source) -
         if names != saved.get("param_names"):
             raise TrainingStateError(f"{source}: optimizer param group holds other parameters than when saved")
         for key, value in saved.items():
-            if key != "param_names":
+            if key != "param_names" and not (key in CONFIGURED_GROUP_KEYS and key in group):
                 group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
     scalars = json.loads(metadata.get("hadakron.optimizer_scalars", "{}"))
     by_param: dict[str, dict[str, Any]] = {}

@@ -6,8 +6,12 @@ flow velocity). Progress, interrupt and the live loss go to ComfyUI every step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import random
+import time
 from pathlib import Path
 
 import torch
@@ -16,7 +20,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from hadakron.io import AdapterFile, build_metadata, read_adapter
+from hadakron.io import AdapterFile, read_adapter
 from hadakron.io.module_checks import group_modules
 from hadakron.network import AdapterNetwork, NetworkConfig
 from hadakron.train import (
@@ -28,6 +32,8 @@ from hadakron.train import (
     resume_step,
     sidecar_path,
 )
+from hadakron.train.metadata import LATENT_SCALE, RunFacts, training_metadata
+from hadakron.train.resume import check_resume_config
 
 from .loader import apply_adapter, model_family
 from .objective_specs import objective_options
@@ -35,8 +41,8 @@ from .save_adapter import (ADAPTER_TYPE, CATEGORY, AdapterSaveError, checked_out
                            save_adapter)
 from .trainer_options import (NONE, OPTION_GROUPS, canonical_none, compact_trainer_settings, legacy_setting_specs,
                               merged_settings, setting_specs, text_encoder_specs)
-from .trainer_runtime import (autograd_safe_text_encoders, checkpoint_blocks, objective_for, objective_metadata_of,
-                             run_training)
+from .trainer_runtime import (autograd_safe_text_encoders, checkpoint_blocks, objective_facts, objective_for,
+                             objective_metadata_of, run_training)
 
 log = logging.getLogger("hadakron")
 LOSS_EVENT = "hadakron.loss"
@@ -96,29 +102,27 @@ def _network_config(algo: str, kw: dict) -> NetworkConfig:
     )
 
 
-def _metadata(algo, family, net: AdapterNetwork, kw: dict, step: int, count: int, losses: list[float], tensors,
-              objective: dict[str, str] | None = None):
-    training = {
-        "steps": step, "max_train_steps": kw["steps"], "learning_rate": kw["learning_rate"],
-        "optimizer": kw["optimizer"], "lr_scheduler": kw["scheduler"], "lr_warmup_steps": kw["warmup_steps"],
-        "seed": kw["seed"], "train_batch_size": kw["batch_size"], "num_train_images": count,
-        "gradient_accumulation_steps": kw["grad_accum_steps"], "max_grad_norm": kw["max_grad_norm"],
-        "mixed_precision": kw["training_dtype"], "training_comment": "trained in ComfyUI with hadakron",
-        **(objective or {}),  # sd-scripts' objective keys (ss_min_snr_gamma, ss_timestep_sampling, ...)
-    }
-    args = {"rank_dropout": kw["rank_dropout"], "module_dropout": kw["module_dropout"],
-            "use_scalar": kw["use_scalar"], "train_llm_adapter": kw["train_llm_adapter"]}
-    meta = build_metadata(
-        algorithm=algo, family=family, network_dim=kw["network_dim"], network_alpha=kw["network_alpha"],
-        conv_dim=kw["conv_dim"] or None, conv_alpha=kw["conv_alpha"] if kw["conv_dim"] else None,
-        factor=kw.get("factor", -1), use_tucker=kw["use_tucker"], decompose_both=kw.get("decompose_both", False),
-        module_ranks={t.key: t.rank for t in net.targets}, module_alphas={t.key: t.alpha for t in net.targets},
-        network_args=args, training=training, tensors=tensors,
-    )
-    meta["hadakron.step"] = str(step)
-    if losses:
-        meta["hadakron.final_loss"] = repr(float(losses[-1]))
-    return meta
+def base_model_file(model) -> str | None:
+    """The checkpoint or diffusion-model file a MODEL's weights were loaded from (core loaders record it in
+    `cached_patcher_init` to reload the model), or None when the model does not say."""
+    init = getattr(model, "cached_patcher_init", None)
+    args = init[1] if isinstance(init, tuple) and len(init) > 1 and isinstance(init[1], tuple) else ()
+    path = args[0] if args and isinstance(args[0], str) else None
+    return path if path and os.path.isfile(path) else None
+
+
+def sample_sizes(samples: list[torch.Tensor], family: str) -> list[tuple[int, int]]:
+    """(width, height) in pixels of each training latent ((C, H, W) or (C, T, H, W))."""
+    scale = LATENT_SCALE[family]
+    return [(int(s.shape[-1]) * scale, int(s.shape[-2]) * scale) for s in samples]
+
+
+def _metadata(net_config: NetworkConfig, config: TrainConfig, facts: RunFacts, net: AdapterNetwork, step: int,
+              losses: list[float], tensors, **changes) -> dict[str, str]:
+    """The file's metadata at `step` (hadakron.train.metadata): the run's facts, its configs, each module's rank."""
+    facts = dataclasses.replace(facts, step=step, final_loss=losses[-1] if losses else None, **changes)
+    return training_metadata(net_config, config, facts, module_ranks={t.key: t.rank for t in net.targets},
+                             module_alphas={t.key: t.alpha for t in net.targets}, tensors=tensors)
 
 
 def _adapter_file(tensors, metadata, training_state=None) -> AdapterFile:
@@ -126,13 +130,23 @@ def _adapter_file(tensors, metadata, training_state=None) -> AdapterFile:
                        training_state=training_state)
 
 
-def _resume(net: AdapterNetwork, name: str, family: str):
-    """Load `name` from the loras folder into the network; ResumeState with the sidecar when there is one."""
+def _resume(net: AdapterNetwork, name: str, net_config: NetworkConfig, parts: list[str], config: TrainConfig):
+    """Load `name` from the loras folder into the network; ResumeState with the sidecar when there is one.
+
+    The file's saved configuration is compared with the node's first: a setting that builds another network is
+    refused, naming each (saved vs given); allowed changes (lrs, steps, ...) and checks an older file cannot support
+    are logged."""
     path = folder_paths.get_full_path("loras", name)
     if path is None:
         raise ValueError(f"resume_from {name!r} is not in the loras folder")
     adapter = read_adapter(path)
     step = resume_step(adapter.metadata, source=name)
+    check = check_resume_config(adapter.metadata, net_config, parts, train=config, source=f"resume_from {name!r}")
+    if check.changed:
+        log.info("hadakron: resuming %s with changed settings: %s", name, "; ".join(check.changed))
+    if check.unchecked:
+        log.info("hadakron: %s does not record %s; those settings could not be checked against the file", name,
+                 ", ".join(check.unchecked))
     try:
         net.load_file_state(adapter.tensors, strict=True)
     except ValueError as exc:
@@ -275,15 +289,26 @@ class _Trainer:
 
                 def encode(i, _clip=te_clip, _lines=lines, _tokens=tokens):
                     return _clip.encode_from_tokens(_tokens[_lines[i]], return_pooled=True, return_dict=True)
-            net = AdapterNetwork.build(family, parts, _network_config(algo, kw), device=mp.load_device,
-                                       seed=kw["seed"])
-            resume = _resume(net, kw["resume_from"], family) if kw["resume_from"] != NONE else None
+            net_config = _network_config(algo, kw)
+            net = AdapterNetwork.build(family, parts, net_config, device=mp.load_device, seed=kw["seed"])
             config = TrainConfig(
                 steps=kw["steps"], batch_size=kw["batch_size"], learning_rate=kw["learning_rate"],
                 optimizer=kw["optimizer"], weight_decay=kw["weight_decay"], scheduler=kw["scheduler"],
                 warmup_steps=kw["warmup_steps"], grad_accum_steps=kw["grad_accum_steps"],
                 max_grad_norm=kw["max_grad_norm"], dtype=kw["training_dtype"], seed=kw["seed"],
                 save_every=kw["save_every"], te_lr=te_lr,
+            )
+            resume = (_resume(net, kw["resume_from"], net_config, list(parts), config)
+                      if kw["resume_from"] != NONE else None)
+            facts = RunFacts(
+                family=family, step=0, sample_sizes=sample_sizes(samples, family),
+                captions=lines if train_te else (), parts=list(parts),
+                gradient_checkpointing=kw["gradient_checkpointing"], base_model_path=base_model_file(model),
+                prediction_type=objective_facts(sampling)["prediction"], autosave_prefix=kw["autosave_prefix"],
+                resume_from=kw["resume_from"] if resume is not None else None,
+                resumed_step=resume.step if resume is not None else None,
+                session_id=random.SystemRandom().randrange(2 ** 32), started_at=time.time(),
+                extra={k if k.startswith("ss_") else f"ss_{k}": v for k, v in objective_meta.items()},
             )
             pbar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
             losses: list[float] = []
@@ -296,7 +321,8 @@ class _Trainer:
 
             def autosave(step, snap):
                 tensors = snap.adapter_tensors()
-                meta = _metadata(algo, family, net, kw, step, len(samples), losses, tensors, objective_meta)
+                meta = _metadata(net_config, config, facts, net, step, losses, tensors,
+                                 output_name=Path(kw["autosave_prefix"]).name)
                 path = save_adapter(_adapter_file(tensors, meta, snap.training_state()),
                                     f"{kw['autosave_prefix']}_step{step:06d}", input_name="autosave_prefix")
                 autosaved.append(shown_path(path))
@@ -316,8 +342,7 @@ class _Trainer:
                                       text_encoder=te_clip, objective_options=objective)
             snap = result.snapshot
             tensors = snap.adapter_tensors()
-            meta = _metadata(algo, family, net, kw, result.step, len(samples), result.losses, tensors,
-                             objective_meta)
+            meta = _metadata(net_config, config, facts, net, result.step, result.losses, tensors)
             adapter = _adapter_file(tensors, meta, snap.training_state())
         if result.stop_reason != "completed":
             log.warning("hadakron: %s", result.message)

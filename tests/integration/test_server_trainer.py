@@ -582,3 +582,65 @@ def test_sdxl_training_on_fp8_base(comfy, comfy_env, sdxl_files, input_image, ha
     assert "lora key not loaded" not in comfy.log.read_text(errors="replace")[log_start:]
     base_latent, adapted_latent = (saved_latent(comfy, run2, s["latent"]) for s in (base, adapted))
     assert torch.isfinite(adapted_latent).all() and relative_change(adapted_latent, base_latent) > 1e-4
+
+
+# ---------------------------------------------------------------- the saved file says how it was made; resume checks it
+
+
+def test_saved_metadata_and_resume_configuration_check(comfy, sdxl_files, input_image, hadakron_lib):
+    """A LoKr run with non-default network args through POST /prompt: the saved file's ss_network_args carries every
+    one, the base checkpoint is named and hashed as sd-scripts does; resuming from it with another dim fails the
+    prompt naming the argument (saved vs given), resuming with another learning rate and more steps trains on."""
+    from hadakron.train.metadata import legacy_model_hash, network_config_from_metadata
+    read_adapter = hadakron_lib.io.read_adapter
+    network = dict(exclude_patterns=".*attn2.*", network_reg_dims=".*ff.*=2", rank_dropout=0.1, use_scalar=True,
+                   decompose_both=True, conv_dim=2, conv_alpha=2.0, loraplus_lr_ratio=2.0,
+                   network_reg_lrs=".*attn1.*=0.001")
+    settings = dict(network, steps=2, seed=SEED + 20, network_dim=4, network_alpha=2.0)
+    g = Graph()
+    ckpt, latent, positive = sdxl_data(g, sdxl_files, input_image)
+    trainer = train_node(g, "lokr", ckpt[0], latent[0], positive[0], **settings)
+    save = g.node("HadakronSaveAdapter", adapter=trainer[0], filename_prefix="server/metadata")
+    run = comfy.run(g, timeout=1800)
+    path = saved_adapter_path(comfy, run, save.id)
+    meta = read_adapter(path).metadata
+    args = json.loads(meta["ss_network_args"])
+    assert {k: args[k] for k in network} == {
+        "exclude_patterns": "['.*attn2.*']", "network_reg_dims": ".*ff.*=2", "rank_dropout": "0.1",
+        "use_scalar": "True", "decompose_both": "True", "conv_dim": "2", "conv_alpha": "2.0",
+        "loraplus_lr_ratio": "2.0", "network_reg_lrs": ".*attn1.*=0.001"}, args
+    assert args["algo"] == "lokr" and args["factor"] == "4" and meta["ss_network_dim"] == "4"
+    config = network_config_from_metadata(meta)
+    assert config.exclude_patterns == [".*attn2.*"] and config.network_reg_dims == {".*ff.*": 2}
+    assert meta["ss_sd_model_name"] == sdxl_files.checkpoint
+    assert meta["ss_sd_model_hash"] == legacy_model_hash(sdxl_files.path)
+    assert meta["ss_num_train_images"] == "1" and meta["ss_resolution"] == "(64, 64)"
+    assert meta["ss_optimizer"].startswith("torch.optim.adamw.AdamW(") and meta["ss_learning_rate"] == str(TRAIN_LR)
+    assert meta["modelspec.prediction_type"] == "epsilon" and meta["hadakron.parts"] == '["unet"]'
+    assert not any("attn2" in k for k in read_adapter(path).tensors)
+
+    name = place_in_loras(comfy, path, "server_metadata_resume.safetensors")
+    g2 = Graph()
+    ckpt2, latent2, positive2 = sdxl_data(g2, sdxl_files, input_image)
+    refused = train_node(g2, "lokr", ckpt2[0], latent2[0], positive2[0],
+                         **dict(settings, steps=3, network_dim=8, resume_from=name))
+    run2 = comfy.run(g2, timeout=900, expect_error=True)
+    assert run2.error["node_id"] == refused.id, run2.error
+    message = run2.error["exception_message"]
+    assert f"resume_from {name!r} was trained with another network configuration" in message, message
+    assert [ln for ln in message.splitlines() if ln.startswith("  ")] == ["  network_dim: saved 4, given 8"], message
+    assert not loss_events(run2, refused.id)  # refused before the first step
+
+    log_start = len(comfy.log.read_text(errors="replace"))
+    g3 = Graph()
+    ckpt3, latent3, positive3 = sdxl_data(g3, sdxl_files, input_image)
+    resumed = train_node(g3, "lokr", ckpt3[0], latent3[0], positive3[0],
+                         **dict(settings, steps=3, learning_rate=TRAIN_LR / 2, resume_from=name))
+    save3 = g3.node("HadakronSaveAdapter", adapter=resumed[0], filename_prefix="server/metadata_resumed")
+    run3 = comfy.run(g3, timeout=1800)
+    log = comfy.log.read_text(errors="replace")[log_start:]
+    assert [e["step"] for e in loss_events(run3, resumed.id)] == [3]
+    out = read_adapter(saved_adapter_path(comfy, run3, save3.id)).metadata
+    assert out["hadakron.step"] == "3" and out["hadakron.resume_from"] == name and out["hadakron.resumed_step"] == "2"
+    assert out["ss_learning_rate"] == str(TRAIN_LR / 2) and out["ss_network_args"] == meta["ss_network_args"]
+    assert f"learning_rate: saved {TRAIN_LR}, given {TRAIN_LR / 2}" in log and "steps: saved 2, given 3" in log, log

@@ -483,3 +483,132 @@ def test_text_encoder_not_trained_runs_no_encode_per_step(trainer_mod, small_sdx
     adapter, _, loss_map, clip_out = out["result"]
     assert len(loss_map["loss"]) == 3 and calls == []
     assert clip_out is small_sdxl_clip and not any(k.startswith("lora_te") for k in adapter.tensors)
+
+
+# ---------------------------------------------------------------- the saved file says how it was made
+
+KEEP, ABSENT = object(), object()  # a setting left at its default (a model check; the other family's) / no such key
+# every input of the compact trainers and every option-node setting, at a value other than its default, and where the
+# metadata says it: ("args", x) is ss_network_args' entry, else the key; the value as it must read there
+NON_DEFAULT = {
+    "steps": (2, "ss_max_train_steps", "2"), "learning_rate": (2e-4, "ss_learning_rate", "0.0002"),
+    "seed": (7, "ss_seed", "7"), "network_dim": (3, "ss_network_dim", "3"),
+    "network_alpha": (2.0, "ss_network_alpha", "2.0"), "factor": (4, "args", "4"),
+    "save_every": (5, "hadakron.save_every_n_steps", "5"),
+    "autosave_prefix": ("meta/run", "hadakron.autosave_prefix", "meta/run"),
+    "resume_from": ("None", "hadakron.resume_from", "None"),  # a resumed run: test_resume_checks_the_configuration
+    "decompose_both": (True, "args", "True"), "use_tucker": (True, "args", "True"),
+    "use_scalar": (True, "args", "True"), "conv_dim": (2, "args", "2"), "conv_alpha": (2.0, "args", "2.0"),
+    "rank_dropout": (0.1, "args", "0.1"), "module_dropout": (0.05, "args", "0.05"),
+    "exclude_patterns": (".*attn2.*", "args", "['.*attn2.*']"),
+    "include_patterns": (".*attn2.to_k", "args", "['.*attn2.to_k']"),
+    "network_reg_dims": (".*ff.*=2", "args", ".*ff.*=2"),
+    "network_reg_lrs": (".*attn1.*=0.001", "args", ".*attn1.*=0.001"),
+    "loraplus_lr_ratio": (2.0, "args", "2.0"), "train_llm_adapter": (True, "args", "True"),
+    "optimizer": ("SGD", "ss_optimizer", "torch.optim.sgd.SGD(momentum=0.0,weight_decay=0.02)"),
+    "scheduler": ("linear", "ss_lr_scheduler", "linear"), "warmup_steps": (1, "ss_lr_warmup_steps", "1"),
+    "weight_decay": (0.02, "ss_optimizer", "torch.optim.sgd.SGD(momentum=0.0,weight_decay=0.02)"),
+    "te_learning_rate": (1e-5, "ss_text_encoder_lr", "1e-05"),
+    "training_dtype": ("fp32", "ss_mixed_precision", "no"),
+    "gradient_checkpointing": (False, "ss_gradient_checkpointing", "False"),
+    "batch_size": (2, "ss_batch_size_per_device", "2"), "grad_accum_steps": (2, "ss_gradient_accumulation_steps", "2"),
+    "max_grad_norm": (0.5, "ss_max_grad_norm", "0.5"),
+    "captions": ("a red cat, photo\na blue dog, photo", "ss_tag_frequency",
+                 json.dumps({"latents": {"a red cat": 1, "photo": 2, "a blue dog": 1}})),
+    "clip": (None, "hadakron.parts", json.dumps(["unet", "te1", "te2"])),
+    "latents": (None, "ss_num_train_images", "2"),
+    "model": (None, "ss_base_model_version", "sdxl_base_v1-0"),
+    "positive": (None, None, None),  # conditioning tensors: nothing a file could say about them
+    # objective options on an SDXL (epsilon) model; the model checks (v_parameterization, zero_terminal_snr,
+    # scale_v_pred_loss_like_noise_pred) stay at their default and say so; Anima's are not SDXL keys
+    "min_snr_gamma": (5.0, "ss_min_snr_gamma", "5.0"),
+    "debiased_estimation_loss": (True, "ss_debiased_estimation", "True"),
+    "noise_offset": (0.05, "ss_noise_offset", "0.05"),
+    "adaptive_noise_scale": (0.01, "ss_adaptive_noise_scale", "0.01"),
+    "multires_noise_iterations": (2, "ss_multires_noise_iterations", "2"),
+    "multires_noise_discount": (0.5, "ss_multires_noise_discount", "0.5"),
+    "ip_noise_gamma": (0.1, "ss_ip_noise_gamma", "0.1"), "loss_type": ("huber", "ss_loss_type", "huber"),
+    "huber_schedule": ("constant", "ss_huber_schedule", "constant"), "huber_c": (0.2, "ss_huber_c", "0.2"),
+    "v_parameterization": (KEEP, "ss_v_parameterization", "False"),
+    "zero_terminal_snr": (KEEP, "ss_zero_terminal_snr", "False"),
+    "scale_v_pred_loss_like_noise_pred": (KEEP, "ss_scale_v_pred_loss_like_noise_pred", "False"),
+    **{name: (KEEP, f"ss_{name}", ABSENT) for name in ("timestep_sampling", "discrete_flow_shift", "sigmoid_scale",
+                                                       "weighting_scheme", "logit_mean", "logit_std", "mode_scale")},
+}
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_every_input_appears_in_the_metadata(algo, comfy_env, trainer_mod, pack, small_sdxl_clip, output_dir):
+    """Both compact trainers with every widget and option-node setting changed from its default: each value is in
+    the adapter's metadata (ss_* keys as sd-scripts writes them), and the metadata reads back to the run's configs."""
+    options = importlib.import_module(pack.__name__ + ".nodes.trainer_options")
+    node_cls = trainer_mod.HadakronTrainLoKr if algo == "lokr" else trainer_mod.HadakronTrainLoHa
+    spec = node_cls.INPUT_TYPES()
+    sockets = {group.socket: group for group in options.OPTION_GROUPS}
+    inputs = [n for section in ("required", "optional") for n in spec[section] if n not in sockets]
+    settings = [n for group in options.OPTION_GROUPS for n in group.settings]
+    lokr_only = set(options.LOKR_ONLY)
+    expected_names = set(inputs) | (set(settings) - (set() if algo == "lokr" else lokr_only))
+    assert expected_names <= set(NON_DEFAULT), sorted(expected_names - set(NON_DEFAULT))
+    for name in expected_names - {"clip", "latents", "model", "positive", "captions", "resume_from"}:
+        given, default = NON_DEFAULT[name][0], options.all_specs()[name][1]["default"]
+        assert given is KEEP or given != default, name
+
+    model = sdxl_for_small_clip(comfy_env)
+    latents, _ = sdxl_inputs()
+    with torch.inference_mode():
+        positive = [[torch.zeros(1, 8, 128), {"pooled_output": torch.zeros(1, 64)}]]
+    value = {name: NON_DEFAULT[name][0] for name in expected_names if NON_DEFAULT[name][0] is not KEEP}
+    dicts = {group.socket: {n: value[n] for n in group.settings if n in value} for group in options.OPTION_GROUPS}
+    own = {n: value[n] for n in inputs if n not in ("model", "latents", "positive", "clip", "captions")}
+    with torch.inference_mode():
+        out = node_cls().train(model=[model], latents=[latents], positive=[positive], unique_id=["7"],
+                               clip=[small_sdxl_clip], captions=[value["captions"]],
+                               **{k: [v] for k, v in {**own, **dicts}.items()})
+    meta = out["result"][0].metadata
+    args = json.loads(meta["ss_network_args"])
+    for name in sorted(expected_names):
+        _, key, shown = NON_DEFAULT[name]
+        if shown is ABSENT:
+            assert key not in meta, key
+        elif key is not None:
+            assert (args.get(name) if key == "args" else meta.get(key)) == shown, (name, key, meta.get(key), args)
+    assert meta["ss_resolution"] == "(128, 128)" and meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["ss_steps"] == "2" and meta["hadakron.step"] == "2"
+    assert "ss_sd_model_name" not in meta  # built in memory: no file to name or hash
+
+    from hadakron.train.metadata import network_config_from_metadata, train_config_from_metadata
+    net = network_config_from_metadata(meta)
+    assert (net.algo, net.network_dim, net.exclude_patterns, net.network_reg_dims) == (
+        algo, 3, [".*attn2.*"], {".*ff.*": 2})
+    train = train_config_from_metadata(meta)
+    assert (train.optimizer, train.weight_decay, train.te_lr, train.dtype, train.grad_accum_steps) == (
+        "SGD", 0.02, 1e-5, "fp32", 2)
+
+
+def test_resume_checks_the_configuration(comfy_env, trainer_mod, small_sdxl, output_dir, loras_dir, caplog):
+    """resume_from refuses settings that build another network (each named, saved vs given) before training, and
+    resumes with a changed learning rate and step count (logged), writing the file it resumed from."""
+    latents, positive = sdxl_inputs()
+    first = run_node(trainer_mod.HadakronLoKrTrainer, small_sdxl, latents, positive, factor=4, decompose_both=False,
+                     steps=2, save_every=1, autosave_prefix="meta/first", exclude_patterns=".*attn2.*")
+    assert first["result"][0].metadata["hadakron.step"] == "2"
+    (saved,) = sorted((output_dir / "loras" / "meta").glob("first_step000001_*.safetensors"))
+    import shutil
+    for f in (saved, saved.with_suffix(".trainstate")):
+        shutil.copy(f, loras_dir / f.name)
+    with pytest.raises(ValueError) as info:
+        run_node(trainer_mod.HadakronLoKrTrainer, small_sdxl, latents, positive, factor=2, decompose_both=False,
+                 steps=3, resume_from=saved.name, network_dim=8, exclude_patterns="")
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith(f"resume_from {saved.name!r} was trained with another network configuration"), lines
+    assert lines[1:] == ["  network_dim: saved 4, given 8", "  factor: saved 4, given 2",
+                         "  exclude_patterns: saved ['.*attn2.*'], given []"], lines
+    with caplog.at_level("INFO", logger="hadakron"):
+        out = run_node(trainer_mod.HadakronLoKrTrainer, small_sdxl, latents, positive, factor=4, decompose_both=False,
+                       steps=3, resume_from=saved.name, learning_rate=1e-3, exclude_patterns=".*attn2.*")
+    meta = out["result"][0].metadata
+    assert meta["hadakron.step"] == "3" and len(out["result"][2]["loss"]) == 2
+    assert meta["hadakron.resume_from"] == saved.name and meta["hadakron.resumed_step"] == "1"
+    assert meta["ss_learning_rate"] == "0.001"
+    assert "learning_rate: saved 0.005, given 0.001" in caplog.text and "steps: saved 2, given 3" in caplog.text

@@ -176,6 +176,8 @@ def test_pieces():
     assert parse_optimizer("torch.optim.sgd.SGD(momentum=0.9,weight_decay=0.0)") == (
         "SGD", {"momentum": 0.9, "weight_decay": 0.0})
     assert parse_optimizer("prodigyopt.prodigy.Prodigy") == ("Prodigy", {})
+    eight_bit = train_config_from_metadata(_meta(train=dataclasses.replace(TRAIN, optimizer="AdamW8bit")))
+    assert eight_bit.optimizer == "AdamW8bit" and eight_bit.betas == (0.8, 0.95)
     with pytest.raises(ValueError, match="ss_optimizer.*not 'module.Class"):
         parse_optimizer("AdamW(weight_decay=")
 

@@ -34,6 +34,7 @@ OPTIMIZER_CLASSES = {
     "AdamW": "torch.optim.adamw.AdamW", "Adam": "torch.optim.adam.Adam", "SGD": "torch.optim.sgd.SGD",
     "Prodigy": "prodigyopt.prodigy.Prodigy",
     "AdamWScheduleFree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+    "AdamW8bit": "bitsandbytes.optim.adamw.AdamW8bit",
 }
 # sd-scripts' --mixed_precision values for our autocast dtypes
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}

@@ -41,6 +41,7 @@ from .save_adapter import (ADAPTER_TYPE, CATEGORY, AdapterSaveError, checked_out
                            save_adapter)
 from .trainer_options import (NONE, OPTION_GROUPS, canonical_none, compact_trainer_settings, legacy_setting_specs,
                               merged_settings, setting_specs, text_encoder_specs)
+from .trainer_inputs import training_samples
 from .trainer_runtime import (autograd_safe_text_encoders, checkpoint_blocks, objective_facts, objective_for,
                              objective_metadata_of, run_training)
 
@@ -51,32 +52,6 @@ LOSS_EVENT = "hadakron.loss"
 def _first(value):
     """Inputs arrive as lists (INPUT_IS_LIST); scalars are their first element."""
     return value[0] if isinstance(value, list) else value
-
-
-def flatten_latents(latents: list) -> list[torch.Tensor]:
-    """Every LATENT in the list, split along its batch dim: one (C, ...) tensor per training sample."""
-    out = []
-    for latent in latents:
-        samples = latent["samples"] if isinstance(latent, dict) else latent
-        out += [s.clone().float() for s in samples]
-    if not out:
-        raise ValueError("the trainer got no latents")
-    return out
-
-
-def expand_conditioning(positive: list, count: int) -> list:
-    """One conditioning entry per sample: a single conditioning is shared; a list must match the latents."""
-    flat = []
-    for cond in positive:
-        if isinstance(cond, list):
-            flat.extend(cond)
-        else:
-            flat.append(cond)
-    if len(flat) == 1:
-        return flat * count
-    if len(flat) != count:
-        raise ValueError(f"got {len(flat)} conditionings for {count} latents; give one, or one per latent")
-    return flat
 
 
 def _send_loss(node_id, step: int, total: int, loss: float, lr: float) -> None:
@@ -271,8 +246,8 @@ class _Trainer:
         with torch.inference_mode(False), torch.enable_grad():
             # upstream nodes ran under inference mode: the (small) latents and conds become normal tensors here;
             # the model's own weights are made autograd-usable without a copy inside run_training
-            samples = flatten_latents(latents)
-            conds = expand_conditioning(normal_copy(positive), len(samples))
+            # a LATENT + CONDITIONING, or core's dataset lists (MakeTrainingDataset, ResolutionBucket): trainer_inputs
+            samples, conds = training_samples(latents, normal_copy(positive))
             mp = model.clone()
             dm = mp.model.diffusion_model
             dm.requires_grad_(False)

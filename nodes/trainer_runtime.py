@@ -21,6 +21,8 @@ from hadakron.train import (
 from hadakron.train.objective_options import ObjectiveOptions, objective_metadata
 from hadakron.train.objectives import SdScriptsObjective
 
+from .trainer_inputs import with_latent_sizes
+
 log = logging.getLogger("hadakron")
 
 
@@ -283,8 +285,9 @@ def run_training(mp, network, latents: list[torch.Tensor], positive: list, confi
 
     sampler = _HadakronSampler(run)
     guider = TrainGuider(mp)
-    guider.set_conds(positive)
-    dummy = processed[0][None].repeat(count, *([1] * processed[0].ndim)).to(device)
+    guider.set_conds(with_latent_sizes(positive, latents))  # each sample's own size, not the dummy's
+    largest = max(processed, key=lambda x: x.numel())  # buckets differ in size: load memory for the largest
+    dummy = largest[None].repeat(count, *([1] * largest.ndim)).to(device)
     sigmas = torch.tensor(range(count))
     previous = getattr(comfy.model_management, "in_training", False)
     network.attach()

@@ -2,7 +2,9 @@
 
 `train(network, model_call, batches, objective, config, callbacks)` is the entry point (see loop.py).
 """
-from hadakron.train.data import Batch, BatchSource, LatentDataset
+from hadakron.train.data import (
+    Batch, BatchSource, LatentDataset, bucket_summary, pair_conditioning, shape_buckets, split_batches,
+)
 from hadakron.train.inference_tensors import autograd_safe_weights, normal_copy, storage_alias
 from hadakron.train.loop import (
     ResumeState,
@@ -36,7 +38,8 @@ from hadakron.train.state import (
 )
 
 __all__ = [
-    "Batch", "BatchSource", "LatentDataset", "ResumeState", "TrainCallbacks", "TrainConfig", "TrainResult",
+    "Batch", "BatchSource", "LatentDataset", "bucket_summary", "pair_conditioning", "shape_buckets", "split_batches",
+    "ResumeState", "TrainCallbacks", "TrainConfig", "TrainResult",
     "TrainSnapshot", "micro_step_seed", "train", "trainable_parameters", "DiffusionObjective",
     "FlowMatchingObjective", "ModelSamplingObjective", "Sample", "min_snr_weight", "scaled_linear_alphas_cumprod",
     "shift_timesteps", "available_optimizers", "build_optimizer", "resume_step", "SCHEDULERS", "lr_factor",

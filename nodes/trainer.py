@@ -92,7 +92,9 @@ def _network_config(algo: str, kw: dict) -> NetworkConfig:
         module_dropout=kw["module_dropout"], exclude_patterns=kw["exclude_patterns"],
         include_patterns=kw["include_patterns"], network_reg_dims=kw["network_reg_dims"],
         network_reg_lrs=kw["network_reg_lrs"], train_llm_adapter=kw["train_llm_adapter"],
-        loraplus_lr_ratio=kw["loraplus_lr_ratio"] or None,
+        loraplus_lr_ratio=kw["loraplus_lr_ratio"] or None, dora_wd=kw.get("dora_wd", False),
+        wd_on_output=kw.get("wd_on_output", True), rs_lora=kw.get("rs_lora", False),
+        rank_dropout_scale=kw.get("rank_dropout_scale", False),
     )
 
 
@@ -107,7 +109,8 @@ def _metadata(algo, family, net: AdapterNetwork, kw: dict, step: int, count: int
         **(objective or {}),  # sd-scripts' objective keys (ss_min_snr_gamma, ss_timestep_sampling, ...)
     }
     args = {"rank_dropout": kw["rank_dropout"], "module_dropout": kw["module_dropout"],
-            "use_scalar": kw["use_scalar"], "train_llm_adapter": kw["train_llm_adapter"]}
+            "use_scalar": kw["use_scalar"], "train_llm_adapter": kw["train_llm_adapter"],
+            **{k: kw[k] for k in ("dora_wd", "wd_on_output", "rs_lora", "rank_dropout_scale") if kw.get("dora_wd" if k == "wd_on_output" else k)}}
     meta = build_metadata(
         algorithm=algo, family=family, network_dim=kw["network_dim"], network_alpha=kw["network_alpha"],
         conv_dim=kw["conv_dim"] or None, conv_alpha=kw["conv_alpha"] if kw["conv_dim"] else None,

@@ -106,6 +106,10 @@ class NetworkConfig:
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     full_matrix: bool = False
+    rank_dropout_scale: bool = False
+    rs_lora: bool = False
+    dora_wd: bool = False
+    wd_on_output: bool = True
     exclude_patterns: list[str] = field(default_factory=list)
     include_patterns: list[str] = field(default_factory=list)
     network_reg_dims: dict[str, int] = field(default_factory=dict)
@@ -140,7 +144,8 @@ class NetworkConfig:
         "use_scalar": bool, "rank_dropout": float, "module_dropout": float, "full_matrix": bool,
         "exclude_patterns": list, "include_patterns": list, "network_reg_dims": str, "network_reg_lrs": str,
         "train_llm_adapter": bool, "loraplus_lr_ratio": float, "loraplus_unet_lr_ratio": float,
-        "loraplus_text_encoder_lr_ratio": float, "algo": str,
+        "loraplus_text_encoder_lr_ratio": float, "algo": str, "rank_dropout_scale": bool, "rs_lora": bool,
+        "dora_wd": bool, "wd_on_output": bool,
     }
     _IGNORED_ARGS = ("dropout", "verbose", "preset")
 
@@ -709,7 +714,8 @@ def _rank_alpha(dotted: str, layer: nn.Module, config: NetworkConfig,
 
 def _make_adapter(layer: nn.Module, rank: int, alpha: float, c: NetworkConfig, dtype, device) -> AdapterModule:
     common = dict(use_tucker=c.use_tucker, use_scalar=c.use_scalar, rank_dropout=c.rank_dropout,
-                  module_dropout=c.module_dropout, dtype=dtype, device=device)
+                  module_dropout=c.module_dropout, rank_dropout_scale=c.rank_dropout_scale, rs_lora=c.rs_lora,
+                  dora_wd=c.dora_wd, wd_on_output=c.wd_on_output, dtype=dtype, device=device)
     if c.algo == "loha":
         return LoHa.for_layer(layer, rank, alpha, **common)
     return LoKr.for_layer(layer, rank, alpha, factor=c.factor, decompose_both=c.decompose_both,
@@ -741,6 +747,15 @@ def _load_into(t: Target, params: Mapping[str, Tensor]) -> None:
                 raise ValueError(f"module {t.key}: {name} has shape {tuple(src.shape)} in the file, "
                                  f"expected {tuple(dst.shape)}")
             dst.copy_(src.to(dst.dtype))
+        if (adapter.dora_scale is None) != ("dora_scale" not in params):
+            raise ValueError(f"module {t.key}: the file {'has' if 'dora_scale' in params else 'lacks'} dora_scale, "
+                             f"the network {'lacks' if adapter.dora_scale is None else 'has'} it (dora_wd differs?)")
+        if adapter.dora_scale is not None:
+            src = params["dora_scale"]
+            if tuple(src.shape) != tuple(adapter.dora_scale.shape):
+                raise ValueError(f"module {t.key}: dora_scale has shape {tuple(src.shape)} in the file, expected "
+                                 f"{tuple(adapter.dora_scale.shape)} (wd_on_output differs?)")
+            adapter.dora_scale.copy_(src.to(adapter.dora_scale.dtype))
         if "alpha" in params:
             adapter.alpha.copy_(params["alpha"].to(adapter.alpha.dtype).reshape(adapter.alpha.shape))
         if adapter.scalar is not None:

@@ -73,7 +73,9 @@ def _network_config(algo: str, kw: dict) -> NetworkConfig:
         module_dropout=kw["module_dropout"], exclude_patterns=kw["exclude_patterns"],
         include_patterns=kw["include_patterns"], network_reg_dims=kw["network_reg_dims"],
         network_reg_lrs=kw["network_reg_lrs"], train_llm_adapter=kw["train_llm_adapter"],
-        loraplus_lr_ratio=kw["loraplus_lr_ratio"] or None,
+        loraplus_lr_ratio=kw["loraplus_lr_ratio"] or None, dora_wd=kw.get("dora_wd", False),
+        wd_on_output=kw.get("wd_on_output", True), rs_lora=kw.get("rs_lora", False),
+        rank_dropout_scale=kw.get("rank_dropout_scale", False),
     )
 
 

@@ -107,6 +107,18 @@ def setting_specs(lokr: bool) -> dict[str, tuple]:
             "loraplus_lr_ratio", "LoRA+: the up factors' lr is this times learning_rate; 0: off.")}),
         "train_llm_adapter": ("BOOLEAN", {"default": False, "tooltip": _sd(
             "train_llm_adapter", "Anima: also train the LLM adapter.")}),
+        "dora_wd": ("BOOLEAN", {"default": False, "tooltip": _sd(
+            "network_args dora_wd", "DoRA: also train a magnitude per output row (or input column), saved as "
+                                    "dora_scale; the base weights stay frozen.")}),
+        "wd_on_output": ("BOOLEAN", {"default": True, "tooltip": _sd(
+            "network_args wd_on_output", "DoRA magnitude per output row (LyCORIS' default). ComfyUI's own "
+            "LoraLoader divides such a file by ||W|| instead of ||W + dW||, so it differs there; off (per input "
+            "column): every loader gives the same weights.")}),
+        "rs_lora": ("BOOLEAN", {"default": False, "tooltip": _sd(
+            "network_args rs_lora", "Rank-stabilised scale alpha / sqrt(dim) (stored as alpha * sqrt(dim)).")}),
+        "rank_dropout_scale": ("BOOLEAN", {"default": False, "tooltip": _sd(
+            "network_args rank_dropout_scale", "Rank dropout rescales by the kept fraction of each mask "
+                                               "(LyCORIS) instead of 1 / (1 - rank_dropout).")}),
         "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": _sd(
             "gradient_checkpointing", "One checkpoint per block: less memory, about a third more time.")}),
         "training_dtype": (list(DTYPES), {"default": "bf16", "tooltip": _sd(
@@ -155,10 +167,22 @@ class OptionGroup:
     socket: str
     settings: tuple[str, ...]
     description: str
+    # settings added after the node shipped: optional inputs, so API prompts saved before still validate (an absent
+    # one takes its default in `merged_settings`); the frontend shows them as widgets all the same
+    later: tuple[str, ...] = ()
 
     def specs(self) -> dict[str, tuple]:
+        """Every setting's spec (`settings`, then `later`)."""
         specs = all_specs()
-        return {name: specs[name] for name in self.settings}
+        return {name: specs[name] for name in self.settings + self.later}
+
+    def input_types(self) -> dict[str, dict[str, tuple]]:
+        """The node's INPUT_TYPES: `settings` required, `later` optional."""
+        specs = self.specs()
+        out = {"required": {n: specs[n] for n in self.settings}}
+        if self.later:
+            out["optional"] = {n: specs[n] for n in self.later}
+        return out
 
     def defaults(self) -> dict:
         """{setting: default}: what the trainer uses when this group's socket is left empty."""
@@ -171,8 +195,9 @@ NETWORK = OptionGroup(
      "exclude_patterns", "include_patterns", "network_reg_dims", "network_reg_lrs", "loraplus_lr_ratio",
      "train_llm_adapter"),
     "Which layers get adapters and how they are built (sd-scripts network_args): Tucker, scalar, dropouts, conv "
-    "dim/alpha, include/exclude patterns, per-layer dims and lrs, LoRA+, Anima's LLM adapter. decompose_both is "
-    "read by LoKr trainers only.")
+    "dim/alpha, include/exclude patterns, per-layer dims and lrs, LoRA+, Anima's LLM adapter, DoRA (dora_wd), "
+    "rs_lora, rank_dropout_scale. decompose_both is read by LoKr trainers only.",
+    later=("dora_wd", "wd_on_output", "rs_lora", "rank_dropout_scale"))
 OPTIMIZER = OptionGroup(
     "HadakronOptimizerOptions", "Optimizer Options", "HADAKRON_OPTIMIZER_OPTIONS", "optimizer_options",
     ("optimizer", "scheduler", "warmup_steps", "weight_decay", "te_learning_rate"),
@@ -196,7 +221,7 @@ OPTION_GROUPS: tuple[OptionGroup, ...] = (NETWORK, OPTIMIZER, PRECISION, OBJECTI
 
 def compact_trainer_settings(lokr: bool) -> tuple[str, ...]:
     """The settings on the compact trainer itself: every setting that is in no option group."""
-    grouped = {name for group in OPTION_GROUPS for name in group.settings}
+    grouped = {name for group in OPTION_GROUPS for name in group.settings + group.later}
     return tuple(name for name in setting_specs(lokr) if name not in grouped)
 
 
@@ -235,7 +260,7 @@ def _option_node(group: OptionGroup) -> type:
 
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": group.specs()}
+            return group.input_types()
 
         def options(self, **values):
             return (dict(values),)

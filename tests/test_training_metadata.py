@@ -30,7 +30,7 @@ NETWORK = NetworkConfig(
     use_tucker=True, use_scalar=True, rank_dropout=0.1, module_dropout=0.05, full_matrix=True,
     exclude_patterns=[".*attn2.*"], include_patterns=[".*attn2.to_k"], network_reg_dims=".*ff.*=2,.*proj_in=6",
     network_reg_lrs=".*attn1.*=0.0003", train_llm_adapter=True, loraplus_lr_ratio=4.0, loraplus_unet_lr_ratio=8.0,
-    loraplus_text_encoder_lr_ratio=2.0,
+    loraplus_text_encoder_lr_ratio=2.0, rank_dropout_scale=True, rs_lora=True, dora_wd=True, wd_on_output=False,
 )
 # every TrainConfig field at a value other than its default
 TRAIN = TrainConfig(
@@ -66,7 +66,8 @@ NETWORK_KEYS = {  # NetworkConfig field -> (metadata key or ss_network_args entr
     "include_patterns": ("args", "['.*attn2.to_k']"), "network_reg_dims": ("args", ".*ff.*=2,.*proj_in=6"),
     "network_reg_lrs": ("args", ".*attn1.*=0.0003"), "train_llm_adapter": ("args", "True"),
     "loraplus_lr_ratio": ("args", "4.0"), "loraplus_unet_lr_ratio": ("args", "8.0"),
-    "loraplus_text_encoder_lr_ratio": ("args", "2.0"),
+    "loraplus_text_encoder_lr_ratio": ("args", "2.0"), "rank_dropout_scale": ("args", "True"),
+    "rs_lora": ("args", "True"), "dora_wd": ("args", "True"), "wd_on_output": ("args", "False"),
 }
 TRAIN_KEYS = {  # TrainConfig field -> (metadata key, expected string)
     "steps": ("ss_max_train_steps", "40"), "batch_size": ("ss_batch_size_per_device", "2"),
@@ -231,6 +232,9 @@ def test_resume_refuses_network_changes_naming_each():
     (dict(include_patterns=[]), "include_patterns: saved ['.*attn2.to_k'], given []"),
     (dict(network_reg_dims={}), "network_reg_dims: saved {'.*ff.*': 2, '.*proj_in': 6}, given {}"),
     (dict(train_llm_adapter=False), "train_llm_adapter: saved True, given False"),
+    (dict(dora_wd=False), "dora_wd: saved True, given False"),
+    (dict(wd_on_output=True), "wd_on_output: saved False, given True"),
+    (dict(rs_lora=False), "rs_lora: saved True, given False"),
 ])
 def test_resume_refuses_each_shaping_argument(change, line):
     with pytest.raises(ResumeConfigError, match="another network configuration") as info:
@@ -270,7 +274,8 @@ def test_resume_of_an_older_file_checks_what_it_records():
     given = NetworkConfig(algo="lokr", network_dim=8, network_alpha=4.0, factor=4, exclude_patterns=[".*x"])
     check = check_resume_config(_old_trainer_metadata(), given, ["unet"], train=TrainConfig(steps=10))
     assert check.unchecked == ["conv_dim", "conv_alpha", "use_tucker", "full_matrix", "exclude_patterns",
-                               "include_patterns", "network_reg_dims", "network_reg_lrs", "loraplus_lr_ratio",
+                               "include_patterns", "network_reg_dims", "dora_wd", "wd_on_output", "rs_lora",
+                               "rank_dropout_scale", "network_reg_lrs", "loraplus_lr_ratio",
                                "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "parts"]
     with pytest.raises(ResumeConfigError, match="network_dim: saved 16, given 8"):
         check_resume_config(_old_trainer_metadata(network_dim=16), given, ["unet"])

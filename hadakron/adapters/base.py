@@ -2,12 +2,13 @@
 
 The math lives in `hadakron.ops`; this class only holds parameters and options around it. A module
 keeps the layer's geometry (`LayerSpec`), never the layer, so the base weights stay out of its
-`parameters()` and `state_dict()`. The one exception is DoRA (a file with `dora_scale`): its output
-depends on the base weight, which is read from the layer at call time through a plain (unregistered)
-reference.
+`parameters()` and `state_dict()`. The one exception is DoRA (`dora_scale`, loaded from a file or trained
+with `dora_wd`): its output depends on the base weight, which is only read from the layer at call time
+through a plain (unregistered) reference, never written.
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Mapping
 
 import torch
@@ -35,6 +36,37 @@ def normalize_alpha(alpha: float | Tensor | None, rank: int) -> float:
     if alpha is None or alpha == 0:
         return float(rank)
     return float(alpha)
+
+
+def dora_magnitude(weight: Tensor, on_output: bool = True) -> Tensor:
+    """DoRA's initial magnitude ||W|| as LyCORIS shapes it: per output row `(out, 1, ...)` (`wd_on_output`) or per
+    input column `(1, in, ...)`, in float32 (LyCORIS' dtype; float64 stays float64), from a read-only copy of the layer's weight."""
+    w = weight.detach()
+    w = w.to(torch.float32) if w.dtype != torch.float64 else w
+    ones = (1,) * (w.dim() - 1)
+    if on_output:
+        return w.reshape(w.shape[0], -1).norm(dim=1).reshape((w.shape[0],) + ones)
+    return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape((1, w.shape[1]) + ones[1:])
+
+
+def rs_alpha(alpha: float, rank: int, rs_lora: bool) -> float:
+    """The alpha to store so that alpha / rank is LyCORIS' rs_lora scale alpha / sqrt(rank) (as LyCORIS saves it)."""
+    return float(alpha) * math.sqrt(rank) if rs_lora else float(alpha)
+
+
+def dora_options(layer: nn.Module, dora_wd: bool, wd_on_output: bool, dtype: torch.dtype,
+                 device: torch.device) -> dict:
+    """The constructor options of a freshly trained DoRA (`dora_wd`): a trainable magnitude initialised to ||W||
+    (norm taken in float32 as LyCORIS, kept in the factors' dtype) and the layer whose weight the forward reads;
+    {} without DoRA."""
+    if not dora_wd:
+        return {}
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"dora_wd needs the layer's weight; {type(layer).__name__} has none")
+    with torch.no_grad(), torch.inference_mode(False):
+        magnitude = dora_magnitude(weight, wd_on_output).to(device=device, dtype=dtype).clone()
+    return {"dora_scale": magnitude, "base_layer": layer, "train_dora": True}
 
 
 def _refresh_after_load(module: "AdapterModule", incompatible_keys) -> None:
@@ -68,8 +100,10 @@ class AdapterModule(nn.Module):
         scalar_init: float = 0.0,
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
+        rank_dropout_scale: bool = False,
         dora_scale: Tensor | None = None,
         base_layer: nn.Module | None = None,
+        train_dora: bool = False,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -77,6 +111,7 @@ class AdapterModule(nn.Module):
         self.multiplier = 1.0
         self.rank_dropout = _check_probability("rank_dropout", rank_dropout, allow_one=False)
         self.module_dropout = _check_probability("module_dropout", module_dropout, allow_one=True)
+        self.rank_dropout_scale = bool(rank_dropout_scale)
         self.factor_names: tuple[str, ...] = tuple(n for n in self.FACTOR_NAMES if n in factors)
         for name in self.factor_names:
             self.register_parameter(name, nn.Parameter(factors[name]))
@@ -94,7 +129,10 @@ class AdapterModule(nn.Module):
         # forward as well as in the file, so every path computes the very same dW.
         self.scalar_target = min(self.factor_names, key=lambda n: factors[n].numel())
         if dora_scale is not None:
-            self.register_buffer("dora_scale", dora_scale)
+            if train_dora:  # the magnitude is trained (a parameter, saved as the file's dora_scale)
+                self.register_parameter("dora_scale", nn.Parameter(dora_scale))
+            else:
+                self.register_buffer("dora_scale", dora_scale)
             if base_layer is None:
                 raise ValueError(f"{type(self).__name__}: dora_scale needs the base layer (its weight)")
             self._base_layer_ref: list[nn.Module] = [base_layer]  # a list: not registered as a submodule
@@ -279,9 +317,14 @@ class AdapterModule(nn.Module):
         return self.spec.apply_weight(x, ((w_d - w) * self.multiplier).to(x.dtype))
 
     def _apply_rank_dropout(self, y: Tensor) -> Tensor:
-        """sd-scripts' rank dropout: zero whole output rows of dW (one mask per call), rescale 1/(1-p)."""
+        """Rank dropout: zero whole output rows of the term (one mask per call), rescaled by 1/(1-p) (sd-scripts),
+        or with `rank_dropout_scale` by 1/mean(mask) as LyCORIS does (an all-dropped mask stays zero)."""
         p = self.rank_dropout
-        keep = (torch.rand(self.spec.out_dim, device=y.device) > p).to(y.dtype) / (1.0 - p)
+        keep = (torch.rand(self.spec.out_dim, device=y.device) > p).to(y.dtype)
+        if self.rank_dropout_scale:
+            keep = keep / keep.mean().clamp_min(1.0 / keep.numel())
+        else:
+            keep = keep / (1.0 - p)
         if self.spec.is_conv:
             keep = keep.view(-1, 1, 1)
         return y * keep
@@ -297,5 +340,6 @@ class AdapterModule(nn.Module):
     def extra_repr(self) -> str:
         shape = "x".join(str(d) for d in self.spec.weight_shape)
         return (f"{self.algorithm}, weight {shape}, rank={self.rank}, alpha={float(self.alpha):g}, "
-                f"scalar={self.use_scalar}, rank_dropout={self.rank_dropout}, module_dropout={self.module_dropout}")
+                f"scalar={self.use_scalar}, rank_dropout={self.rank_dropout}, module_dropout={self.module_dropout}"
+                + (f", dora={tuple(self.dora_scale.shape)}" if self.dora_scale is not None else ""))
 

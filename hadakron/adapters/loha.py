@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hadakron import ops
-from hadakron.adapters.base import AdapterModule, normalize_alpha
+from hadakron.adapters.base import AdapterModule, dora_options, normalize_alpha, rs_alpha
 from hadakron.adapters.layer import LayerSpec, layer_device
 
 Tensor = torch.Tensor
@@ -56,12 +56,18 @@ class LoHa(AdapterModule):
         use_scalar: bool = False,
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
+        rank_dropout_scale: bool = False,
+        rs_lora: bool = False,
+        dora_wd: bool = False,
+        wd_on_output: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> "LoHa":
         """A fresh LoHa for `layer` with dW = 0. alpha None/0 means alpha = rank (scale 1).
 
-        `use_tucker` applies to conv layers with a kernel other than 1x1 (ignored otherwise).
+        `use_tucker` applies to conv layers with a kernel other than 1x1 (ignored otherwise). `rs_lora` stores
+        alpha * sqrt(rank) so the scale is alpha / sqrt(rank) (LyCORIS); `dora_wd` trains a DoRA magnitude
+        (see `dora_options`).
         """
         spec = LayerSpec.of(layer)
         rank = int(rank)
@@ -81,9 +87,11 @@ class LoHa(AdapterModule):
                 nn.init.normal_(t["hada_w2_a"], std=0.1)
             else:
                 nn.init.zeros_(t["hada_w2_a"])
-        alpha_t = torch.tensor(normalize_alpha(alpha, rank), dtype=torch.float32, device=device)
+        alpha_t = torch.tensor(rs_alpha(normalize_alpha(alpha, rank), rank, rs_lora), dtype=torch.float32,
+                               device=device)
         return cls(spec, t, alpha_t, rank, use_scalar=use_scalar, scalar_init=0.0,
-                   rank_dropout=rank_dropout, module_dropout=module_dropout)
+                   rank_dropout=rank_dropout, module_dropout=module_dropout, rank_dropout_scale=rank_dropout_scale,
+                   **dora_options(layer, dora_wd, wd_on_output, dtype, device))
 
     @classmethod
     def _from_file_params(cls, spec: LayerSpec, factors: dict[str, Tensor], alpha: Tensor | None,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hadakron import ops
-from hadakron.adapters.base import AdapterModule, normalize_alpha
+from hadakron.adapters.base import AdapterModule, dora_options, normalize_alpha, rs_alpha
 from hadakron.adapters.layer import LayerSpec, layer_device
 
 Tensor = torch.Tensor
@@ -86,10 +86,17 @@ class LoKr(AdapterModule):
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
         full_matrix: bool = False,
+        rank_dropout_scale: bool = False,
+        rs_lora: bool = False,
+        dora_wd: bool = False,
+        wd_on_output: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> "LoKr":
-        """A fresh LoKr for `layer` with dW = 0 (forms chosen as LyCORIS/sd-scripts do; see module docstring)."""
+        """A fresh LoKr for `layer` with dW = 0 (forms chosen as LyCORIS/sd-scripts do; see module docstring).
+
+        `rs_lora` stores alpha * sqrt(rank) (scale alpha / sqrt(rank), LyCORIS); `dora_wd` trains a DoRA magnitude.
+        """
         spec = LayerSpec.of(layer)
         rank, factor = int(rank), int(factor)
         if rank < 1:
@@ -133,10 +140,12 @@ class LoKr(AdapterModule):
             for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b"):
                 if name in t:
                     _kaiming(t[name])
-        alpha_v = float(rank) if (w1_full and w2_full) else normalize_alpha(alpha, rank)
+        # both full: scale 1 whatever alpha or rs_lora say (ComfyUI ignores alpha then)
+        alpha_v = float(rank) if (w1_full and w2_full) else rs_alpha(normalize_alpha(alpha, rank), rank, rs_lora)
         alpha_t = torch.tensor(alpha_v, dtype=torch.float32, device=device)
         return cls(spec, t, alpha_t, rank, splits=(out_l, out_k, in_m, in_n), factor=factor,
-                   use_scalar=use_scalar, scalar_init=0.0, rank_dropout=rank_dropout, module_dropout=module_dropout)
+                   use_scalar=use_scalar, scalar_init=0.0, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                   rank_dropout_scale=rank_dropout_scale, **dora_options(layer, dora_wd, wd_on_output, dtype, device))
 
     @classmethod
     def _from_file_params(cls, spec: LayerSpec, factors: dict[str, Tensor], alpha: Tensor | None,

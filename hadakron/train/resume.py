@@ -35,9 +35,10 @@ def resume_step(metadata: Mapping[str, str], *, source: str = "adapter") -> int:
 NETWORK_SHAPING_ARGS = (
     "algo", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "factor", "decompose_both", "use_tucker",
     "use_scalar", "full_matrix", "exclude_patterns", "include_patterns", "network_reg_dims", "train_llm_adapter",
+    "dora_wd", "wd_on_output", "rs_lora",
 )
 # Network arguments that change only how the adapters train (dropouts, lrs): a resumed run may change them.
-NETWORK_TRAINING_ARGS = ("rank_dropout", "module_dropout", "network_reg_lrs", "loraplus_lr_ratio",
+NETWORK_TRAINING_ARGS = ("rank_dropout", "module_dropout", "rank_dropout_scale", "network_reg_lrs", "loraplus_lr_ratio",
                          "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 TRAINING_ARGS = ("steps", "batch_size", "learning_rate", "unet_lr", "te_lr", "optimizer", "weight_decay", "betas",
                  "eps", "momentum", "scheduler", "warmup_steps", "grad_accum_steps", "max_grad_norm", "dtype", "seed",

@@ -29,7 +29,7 @@ NODE_SIZES = {
     "CheckpointSave": (320, 110), "MarkdownNote": (320, 260),
     "HadakronLoader": (340, 270), "HadakronSaveAdapter": (340, 130),
     "HadakronAdapterMerge": (340, 350), "HadakronAdapterCombine": (340, 430),
-    "HadakronTrainLoKr": (340, 680), "HadakronTrainLoHa": (340, 660), "HadakronNetworkOptions": (400, 520),
+    "HadakronTrainLoKr": (340, 680), "HadakronTrainLoHa": (340, 660), "HadakronNetworkOptions": (400, 640),
     "HadakronOptimizerOptions": (320, 200), "HadakronPrecisionOptions": (370, 200),
     "HadakronLoKrTrainer": (400, 1410), "HadakronLoHaTrainer": (400, 1360),
 }

@@ -90,6 +90,17 @@ def _pattern_list(value: str | Sequence[str] | None, what: str) -> list[str]:
     return out
 
 
+def network_arg_text(key: str, value: object, *, flags: tuple[str, str] = ("false", "true")) -> str:
+    """One network argument as its sd-scripts `--network_args` string (`flags`: how False/True are spelled)."""
+    if key in ("exclude_patterns", "include_patterns"):
+        return repr(list(value))
+    if key in ("network_reg_dims", "network_reg_lrs"):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, bool):
+        return flags[value]
+    return str(value)
+
+
 @dataclass
 class NetworkConfig:
     """Everything that chooses and shapes the adapters (sd-scripts' network args, LyCORIS' extra options)."""
@@ -190,14 +201,7 @@ class NetworkConfig:
             value = getattr(self, key)
             if key == "algo" or value == getattr(defaults, key):
                 continue
-            if key in ("exclude_patterns", "include_patterns"):
-                out[key] = repr(list(value))
-            elif key in ("network_reg_dims", "network_reg_lrs"):
-                out[key] = ",".join(f"{k}={v}" for k, v in value.items())
-            elif isinstance(value, bool):
-                out[key] = "true" if value else "false"
-            else:
-                out[key] = str(value)
+            out[key] = network_arg_text(key, value)
         return out
 
     def plus_ratio(self, part: str) -> float | None:

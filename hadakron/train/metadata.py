@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from hadakron.io.metadata import build_metadata
-from hadakron.network import NetworkConfig
+from hadakron.network import NetworkConfig, network_arg_text
 from hadakron.train.loop import TrainConfig
 from hadakron.train.optimizers import BUILTIN_OPTIMIZERS, OPTIONAL_OPTIMIZERS
 
@@ -72,10 +72,6 @@ class RunFacts:
     extra: Mapping[str, str] = field(default_factory=dict)  # further keys as given (e.g. objective options)
 
 
-def _flag(value: bool) -> str:
-    return "True" if value else "False"
-
-
 def network_args_metadata(network: NetworkConfig) -> dict[str, str]:
     """Every network argument of `network` as `ss_network_args` strings (None-valued ones left out)."""
     out: dict[str, str] = {"algo": network.algo}
@@ -85,14 +81,7 @@ def network_args_metadata(network: NetworkConfig) -> dict[str, str]:
         value = getattr(network, key)
         if value is None:
             continue
-        if key in ("exclude_patterns", "include_patterns"):
-            out[key] = repr(list(value))
-        elif key in ("network_reg_dims", "network_reg_lrs"):
-            out[key] = ",".join(f"{k}={v}" for k, v in value.items())
-        elif isinstance(value, bool):
-            out[key] = _flag(value)
-        else:
-            out[key] = str(value)
+        out[key] = network_arg_text(key, value, flags=("False", "True"))
     return out
 
 

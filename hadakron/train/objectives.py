@@ -29,20 +29,8 @@ class Sample(NamedTuple):
     target: Tensor
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
-    """Standard normal noise drawn on the generator's device, returned on `like`'s device in float32."""
-    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return noise.to(like.device)
-
-
-def _rand(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
-    """Uniform [0, 1) samples drawn on the generator's device, returned on `like`'s device (float32)."""
-    return torch.rand((n,), generator=generator, device=generator.device, dtype=torch.float32).to(like.device)
-
-
-def _per_sample(t: Tensor, ndim: int) -> Tensor:
-    """Reshape a (B,) tensor to (B, 1, ..., 1) so it broadcasts over a latent of `ndim` dims."""
-    return t.reshape(t.shape[0], *([1] * (ndim - 1)))
+# the step's draws (shared with hadakron.train.noise, which the sd-scripts options use)
+_randn, _rand, _per_sample = noise.randn, noise.rand, noise.per_sample
 
 
 def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:

@@ -544,6 +544,7 @@ def test_anima_text_encoder_training(comfy, anima_files, input_image, hadakron_l
 # ---------------------------------------------------------------- float8 base: UNETLoader weight_dtype fp8_e4m3fn
 
 
+@pytest.mark.slow  # ~90 s: the full suite runs it (CI stays under 15 minutes); the in-process fp8 tests run in CI
 def test_sdxl_training_on_fp8_base(comfy, comfy_env, sdxl_files, input_image, hadakron_lib):
     """UNETLoader with weight_dtype fp8_e4m3fn (float8 weights, ComfyUI's per-layer manual cast) feeds the LoKr
     Trainer with gradient checkpointing: the loss is finite and falls against the paired STILL_LR run; the saved

@@ -73,7 +73,8 @@ def parse_regex_values(value: str | Mapping[str, float] | Sequence[tuple[str, fl
 
 
 def _pattern_list(value: str | Sequence[str] | None, what: str) -> list[str]:
-    """A list of regexes from a list or a string (`"['a', 'b']"` as sd-scripts' literal_eval, or one regex)."""
+    """A list of regexes from a list or a string (`"['a', 'b']"` as sd-scripts' literal_eval, or one regex per line,
+    as the trainer's multiline widget gives them: a regex never holds a line break, so each line is one)."""
     if value is None or value == "":
         return []
     if isinstance(value, str):
@@ -84,7 +85,7 @@ def _pattern_list(value: str | Sequence[str] | None, what: str) -> list[str]:
             except (ValueError, SyntaxError):
                 raise ValueError(f"{what}: {value!r} is not a list of strings") from None
         else:
-            value = [text]
+            value = [line.strip() for line in text.splitlines() if line.strip()]
     out = [str(v) for v in value]
     compile_patterns(out, what)
     return out

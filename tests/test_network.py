@@ -145,3 +145,12 @@ def test_network_args_round_trip():
         NetworkConfig.from_network_args({"block_dims": "2,2,2"})
     with pytest.raises(ValueError, match=r"network_args: conv_dim='eight' is not a int"):
         NetworkConfig.from_network_args({"conv_dim": "eight"})
+
+
+def test_patterns_from_the_multiline_widget_are_one_regex_per_line():
+    """The trainer's exclude/include widgets are multiline, one regex per line: each line is its own pattern (read as
+    one regex holding a line break, they matched no layer and excluded nothing)."""
+    config = NetworkConfig(exclude_patterns=".*attn1.*\n\n  .*ff.*  \n", include_patterns=".*attn1.to_q")
+    assert config.exclude_patterns == [".*attn1.*", ".*ff.*"]
+    assert config.include_patterns == [".*attn1.to_q"]
+    assert NetworkConfig(exclude_patterns="['.*a.*', '.*b.*']").exclude_patterns == [".*a.*", ".*b.*"]

@@ -9,8 +9,7 @@ family tables, which `hadakron inspect` relies on to start its value scan before
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hadakron.lazy_names import lazy_attributes
 
 _HOMES: dict[str, str] = {
     **dict.fromkeys(("ANIMA", "AnimaDims", "anima_dims", "anima_family"), "anima"),
@@ -37,17 +36,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule that holds `name` on first use and cache the name here."""
-    if name in _HOMES:
-        value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_attributes(__name__, _HOMES, _SUBMODULES, __all__)
